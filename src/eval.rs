@@ -1,0 +1,124 @@
+//! Test-set evaluation: the mean -ELBO per example in nats with its reconstruction and KL terms
+//! (Kingma & Welling 2013, eq. 10, one sample of z per image, as pytorch/examples reports it).
+//! The noise comes from a fixed stream of the run's seed, so one checkpoint always gives one figure.
+
+use crate::config::{Binarize, Config};
+use crate::data::{self, Split};
+use crate::model::{self, Vae};
+use crate::run;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use std::path::Path;
+
+/// Salts that give evaluation and test binarization their own streams of the one seed.
+const EVAL_SALT: u64 = 0x6576_616c; // "eval"
+const TEST_BINARIZE_SEED: u64 = 0x7465_7374; // "test": one binarized test set for every run
+
+/// Per-example means over a split, in nats.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Totals {
+    pub n: usize,
+    pub recon: f64,
+    pub kl: f64,
+}
+
+impl Totals {
+    pub fn nelbo(&self) -> f64 {
+        self.recon + self.kl
+    }
+}
+
+/// `n` standard normals from the host RNG as a (rows, cols) tensor on `dev`.
+pub fn normal(
+    rng: &mut StdRng,
+    rows: usize,
+    cols: usize,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| StandardNormal.sample(rng))
+        .collect();
+    Tensor::from_vec(v, (rows, cols), dev)
+}
+
+/// The test split as a (n, D) tensor; binarized once, with a fixed seed, when the config binarizes.
+pub fn test_tensor(cfg: &Config, split: &Split, dev: &Device) -> Result<Tensor> {
+    let mut px = split.pixels_f32();
+    if cfg.data.binarize != Binarize::None {
+        data::binarize_in_place(&mut px, &mut StdRng::seed_from_u64(TEST_BINARIZE_SEED));
+    }
+    Ok(Tensor::from_vec(px, (split.n, split.dim()), dev)?)
+}
+
+/// -ELBO terms of `x` (n, D) in batches of `batch`.
+pub fn evaluate(model: &Vae, x: &Tensor, batch: usize, seed: u64) -> Result<Totals> {
+    let mut rng = StdRng::seed_from_u64(seed ^ EVAL_SALT);
+    let n = x.dim(0)?;
+    let (mut recon, mut kl) = (0f64, 0f64);
+    let mut i = 0;
+    while i < n {
+        let b = batch.min(n - i);
+        let xb = x.narrow(0, i, b)?;
+        let eps = normal(&mut rng, b, model.cfg.latent, x.device())?;
+        let (r, k) = model.neg_elbo_terms(&xb, &eps)?;
+        recon += r.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        kl += k.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        i += b;
+    }
+    Ok(Totals {
+        n,
+        recon: recon / n as f64,
+        kl: kl / n as f64,
+    })
+}
+
+/// A trained run's model on `dev`, checked against the run's config.
+pub fn load_model(run_dir: &Path, cfg: &Config, input_dim: usize, dev: &Device) -> Result<Vae> {
+    let path = run_dir.join(run::MODEL_FILE);
+    let params = run::load_tensors(&path, dev)?;
+    model::check_params(&params, &cfg.model, input_dim, &path.display().to_string())?;
+    let vb = VarBuilder::from_tensors(params, DType::F32, dev);
+    Vae::new(&cfg.model, input_dim, vb)
+        .with_context(|| format!("{}: building the model", path.display()))
+}
+
+/// `vae eval`: the whole test set of the run's data directory.
+pub fn run_eval(run_arg: Option<&str>, device: Option<&str>, json: bool) -> Result<()> {
+    let run_dir = run::find(run_arg)?;
+    let cfg = run::load_config(&run_dir)?;
+    let dev = crate::device::open(device.unwrap_or(&cfg.device)).context("--device")?;
+    let test = data::load_test(&cfg.data.dir, 0)?;
+    let model = load_model(&run_dir, &cfg, test.dim(), &dev)?;
+    let x = test_tensor(&cfg, &test, &dev)?;
+    let t = evaluate(&model, &x, cfg.train.eval_batch_size, cfg.seed)?;
+    let state = run::load_state(&run_dir).ok();
+    if json {
+        let v = serde_json::json!({
+            "run": run_dir.display().to_string(),
+            "epoch": state.map(|s| s.epoch),
+            "images": t.n,
+            "neg_elbo": t.nelbo(),
+            "recon": t.recon,
+            "kl": t.kl,
+            "units": "nats per example",
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{}: test -ELBO {:.2} nats (recon {:.2}, KL {:.2}) per example over {} images{}",
+            run_dir.display(),
+            t.nelbo(),
+            t.recon,
+            t.kl,
+            t.n,
+            state
+                .map(|s| format!(", epoch {}", s.epoch))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}

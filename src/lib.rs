@@ -1,0 +1,12 @@
+//! `vae`: a variational-autoencoder trainer and sampler after Kingma & Welling, "Auto-Encoding
+//! Variational Bayes" (2013), on candle. One module per concern; `main.rs` only parses the CLI.
+
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod run;
+pub mod train;

@@ -1,0 +1,263 @@
+//! The run directory, after nanoGPT's `out_dir` habit: `runs/<name>/` holds `config.toml` (the
+//! resolved config), `model.safetensors`, `optimizer.safetensors`, `state.json` and
+//! `metrics.csv`; `runs/latest` names the newest run so later commands need no `--run`.
+//!
+//! Every file is written to a temporary name in the same directory, synced, then renamed over the
+//! old one: a killed process leaves the old file or the new one, never a torn one.
+
+use crate::config::{self, Config};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIM_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.csv";
+pub const LATEST_FILE: &str = "latest";
+
+/// Progress recorded beside each checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub format: u32,
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Image size the model was trained on (input dimension = rows * cols).
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let res = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// Saves tensors as plain safetensors, atomically (same temp-fsync-rename as `write_atomic`).
+pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let res = (|| -> Result<()> {
+        candle_core::safetensors::save(tensors, &tmp)?;
+        let f = std::fs::File::open(&tmp)?;
+        // The safetensors writer creates the file 0600; a checkpoint is as shareable as a config.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// Loads a safetensors file onto `dev`, with a message naming the file when it is damaged.
+pub fn load_tensors(path: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        bail!(
+            "{}: no such file; the run has no checkpoint yet (train it first)",
+            path.display()
+        );
+    }
+    candle_core::safetensors::load(path, dev).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a readable safetensors file ({e}); the checkpoint is damaged",
+            path.display()
+        )
+    })
+}
+
+/// A fresh run directory: `--run DIR` exactly (refused if it already holds a checkpoint), else
+/// `<out_dir>/<name>`, or `<name>-2`, `-3`, … if that is taken. Never overwrites a run.
+pub fn create(cfg: &Config, explicit: Option<&Path>) -> Result<PathBuf> {
+    let dir = match explicit {
+        Some(d) => {
+            if d.join(MODEL_FILE).exists() || d.join(STATE_FILE).exists() {
+                bail!(
+                    "--run {}: already holds a trained run; name a new directory",
+                    d.display()
+                );
+            }
+            if d.exists() && !d.is_dir() {
+                bail!("--run {}: exists and is not a directory", d.display());
+            }
+            d.to_path_buf()
+        }
+        None => {
+            let base = Path::new(&cfg.out_dir);
+            let mut d = base.join(&cfg.name);
+            let mut k = 2;
+            while d.exists() {
+                d = base.join(format!("{}-{k}", cfg.name));
+                k += 1;
+            }
+            d
+        }
+    };
+    std::fs::create_dir_all(&dir).with_context(|| {
+        format!(
+            "{}: cannot create the run directory; check key `out_dir` or --run",
+            dir.display()
+        )
+    })?;
+    Ok(dir)
+}
+
+/// Points `<out_dir>/latest` at `run`.
+pub fn set_latest(out_dir: &Path, run: &Path) -> Result<()> {
+    let abs =
+        std::fs::canonicalize(run).with_context(|| format!("{}: cannot resolve", run.display()))?;
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("{}: cannot create", out_dir.display()))?;
+    write_atomic(
+        &out_dir.join(LATEST_FILE),
+        format!("{}\n", abs.display()).as_bytes(),
+    )
+}
+
+/// The run a command works on: `--run DIR` (a directory, or a name under `runs/`), else the one
+/// `runs/latest` names.
+pub fn find(run: Option<&str>) -> Result<PathBuf> {
+    match run {
+        Some(r) => {
+            let p = PathBuf::from(r);
+            if p.is_dir() {
+                return Ok(p);
+            }
+            let q = Path::new("runs").join(r);
+            if q.is_dir() {
+                return Ok(q);
+            }
+            bail!("--run {r}: no such run directory")
+        }
+        None => {
+            let latest = Path::new("runs").join(LATEST_FILE);
+            let text = std::fs::read_to_string(&latest).map_err(|_| {
+                anyhow::anyhow!(
+                    "no run given and no {} here; train one first or pass --run DIR",
+                    latest.display()
+                )
+            })?;
+            let p = PathBuf::from(text.trim());
+            if !p.is_dir() {
+                bail!(
+                    "{}: names {}, which is gone; pass --run DIR",
+                    latest.display(),
+                    p.display()
+                );
+            }
+            Ok(p)
+        }
+    }
+}
+
+/// A run's saved config.
+pub fn load_config(run: &Path) -> Result<Config> {
+    let path = run.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: missing; {} is not a run directory",
+            path.display(),
+            run.display()
+        )
+    })?;
+    config::resolve(
+        &config::Source {
+            label: path.display().to_string(),
+            text,
+        },
+        &[],
+    )
+}
+
+pub fn load_state(run: &Path) -> Result<State> {
+    let path = run.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: missing; the run has no checkpoint yet (it stopped before epoch 1 ended)",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{}: damaged", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("a.txt");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn new_runs_never_overwrite() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            out_dir: t.path().display().to_string(),
+            name: "r".into(),
+            ..Default::default()
+        };
+        let a = create(&cfg, None).unwrap();
+        let b = create(&cfg, None).unwrap();
+        assert_eq!(a.file_name().unwrap(), "r");
+        assert_eq!(b.file_name().unwrap(), "r-2");
+        std::fs::write(a.join(MODEL_FILE), b"x").unwrap();
+        assert!(create(&cfg, Some(&a)).is_err());
+    }
+
+    #[test]
+    fn tensors_round_trip() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("m.safetensors");
+        let mut h = HashMap::new();
+        h.insert(
+            "w".to_string(),
+            Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap(),
+        );
+        save_tensors(&p, &h).unwrap();
+        let back = load_tensors(&p, &Device::Cpu).unwrap();
+        assert_eq!(
+            back["w"].to_vec2::<f32>().unwrap(),
+            vec![vec![1.0, 2.0], vec![3.0, 4.0]]
+        );
+        std::fs::write(&p, b"garbage").unwrap();
+        let e = load_tensors(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("m.safetensors") && e.contains("damaged"), "{e}");
+    }
+}

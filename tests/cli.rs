@@ -1,0 +1,212 @@
+//! End-to-end tests: run the built `vae` binary in a temporary directory on the shipped data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vae(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run vae")
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let o = vae(dir, args);
+    assert!(
+        o.status.success(),
+        "vae {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Asserts a clean failure: non-zero exit, one `error:` line naming `needle`, no panic.
+fn fails(dir: &Path, args: &[&str], needle: &str) {
+    let o = vae(dir, args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "vae {args:?} should fail");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+fn metrics(run: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect()
+}
+
+fn data_dir() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/mnist")
+        .display()
+        .to_string()
+}
+
+/// A tiny run: 300 images, 2 epochs.
+fn tiny(dir: &Path, extra: &[&str]) -> PathBuf {
+    let d = format!("data.dir={}", data_dir());
+    let mut args = vec![
+        "train",
+        "--config",
+        "tiny.toml",
+        "-q",
+        "--set",
+        &d,
+        "--set",
+        "data.limit=300",
+    ];
+    args.extend_from_slice(extra);
+    ok(dir, &args);
+    dir.join("runs/tiny")
+}
+
+#[test]
+fn tiny_train_writes_checkpoint_and_learns() {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(t.path(), &[]);
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "config.toml",
+        "metrics.csv",
+        "state.json",
+    ] {
+        assert!(run.join(f).is_file(), "missing {f}");
+    }
+    let latest = std::fs::read_to_string(t.path().join("runs/latest")).unwrap();
+    assert!(latest.trim().ends_with("runs/tiny"), "{latest}");
+    let m = metrics(&run);
+    assert_eq!(m.len(), 3, "epoch 0 (untrained) + 2 epochs");
+    let untrained: f64 = m[0][5].parse().unwrap();
+    let trained: f64 = m[2][5].parse().unwrap();
+    // Untrained: logits near 0 cost about 784 ln 2 = 543 nats; 2 epochs on 300 images reach
+    // roughly 300. Well below means below 70% of the untrained figure.
+    assert!(untrained > 500.0, "{untrained}");
+    assert!(
+        trained < 0.7 * untrained,
+        "test -ELBO {trained} vs untrained {untrained}"
+    );
+    // A second run of the same name goes beside it, never over it.
+    let d = format!("data.dir={}", data_dir());
+    ok(
+        t.path(),
+        &[
+            "train",
+            "-c",
+            "tiny.toml",
+            "-q",
+            "--set",
+            &d,
+            "--set",
+            "data.limit=50",
+            "--set",
+            "train.epochs=1",
+        ],
+    );
+    assert!(t.path().join("runs/tiny-2/model.safetensors").is_file());
+    assert_eq!(metrics(&run).len(), 3);
+}
+
+#[test]
+fn eval_prints_finite_numbers() {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(t.path(), &["--set", "train.epochs=1"]);
+    let out = ok(t.path(), &["eval", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let (total, recon, kl) = (
+        v["neg_elbo"].as_f64().unwrap(),
+        v["recon"].as_f64().unwrap(),
+        v["kl"].as_f64().unwrap(),
+    );
+    assert!(total.is_finite() && recon.is_finite() && kl.is_finite());
+    assert!((total - recon - kl).abs() < 1e-6 && kl >= 0.0 && recon > 0.0);
+    assert_eq!(v["images"].as_u64(), Some(10000));
+    let text = ok(t.path(), &["eval", "--run", run.to_str().unwrap()]);
+    assert!(text.contains("test -ELBO") && text.contains("KL"), "{text}");
+}
+
+#[test]
+fn same_seed_same_numbers() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = ["--set", "train.epochs=1", "--set", "data.binarize=dynamic"];
+    let (ra, rb) = (tiny(a.path(), &extra), tiny(b.path(), &extra));
+    let wa = std::fs::read(ra.join("model.safetensors")).unwrap();
+    let wb = std::fs::read(rb.join("model.safetensors")).unwrap();
+    assert!(wa == wb, "same seed gave different weights");
+    let c = tempfile::tempdir().unwrap();
+    let rc = tiny(
+        c.path(),
+        &[
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "data.binarize=dynamic",
+            "--set",
+            "seed=2",
+        ],
+    );
+    assert!(
+        std::fs::read(rc.join("model.safetensors")).unwrap() != wa,
+        "seed had no effect"
+    );
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    fails(p, &["train", "--config", "nope.toml"], "nope.toml");
+    std::fs::write(p.join("bad.toml"), "[train]\nlrr = 1\n").unwrap();
+    fails(p, &["train", "--config", "bad.toml"], "lrr");
+    std::fs::write(p.join("syntax.toml"), "seed = 1\n[train\n").unwrap();
+    fails(p, &["train", "--config", "syntax.toml"], "line 2");
+    fails(
+        p,
+        &["train", "--set", "train.batch_size=0"],
+        "train.batch_size",
+    );
+    fails(p, &["train", "--set", "model.latent=-3"], "model.latent");
+    fails(p, &["train", "--set", "train.lr=fast"], "train.lr");
+    fails(p, &["train", "--set", "data.dir=/no/such/dir"], "data.dir");
+    fails(p, &["train", "--device", "cuda"], "cuda");
+    // A truncated IDX file.
+    let d = p.join("broken");
+    std::fs::create_dir(&d).unwrap();
+    for f in [
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ] {
+        std::fs::copy(Path::new(&data_dir()).join(f), d.join(f)).unwrap();
+    }
+    let mut img = 2051u32.to_be_bytes().to_vec();
+    for v in [60000u32, 28, 28] {
+        img.extend_from_slice(&v.to_be_bytes());
+    }
+    img.extend_from_slice(&[0u8; 1000]);
+    std::fs::write(d.join("train-images-idx3-ubyte"), img).unwrap();
+    let set = format!("data.dir={}", d.display());
+    fails(p, &["train", "--set", &set], "truncated");
+    // No run yet, and a directory that is not a run.
+    fails(p, &["eval"], "runs/latest");
+    std::fs::create_dir(p.join("empty")).unwrap();
+    fails(p, &["eval", "--run", "empty"], "config.toml");
+    // Nothing was half-written by any of the above.
+    assert!(
+        !p.join("runs").exists(),
+        "a failed command left runs/ behind"
+    );
+    // A run directory with a config but no checkpoint.
+    std::fs::write(p.join("empty/config.toml"), "").unwrap();
+    fails(p, &["eval", "--run", "empty"], "model.safetensors");
+}
