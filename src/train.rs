@@ -14,8 +14,8 @@ use crate::model::{self, Vae};
 use crate::optim::{Adam, AdamConfig};
 use crate::run::{self, State};
 use anyhow::{Context, Result};
-use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -87,6 +87,43 @@ impl EpochRow {
     }
 }
 
+/// The model with its optimizer: what one training step needs.
+pub struct Trainer {
+    pub model: Vae,
+    pub varmap: VarMap,
+    pub adam: Adam,
+}
+
+impl Trainer {
+    /// Fresh parameters from `rng` (PyTorch's `nn.Linear` init) and zero Adam moments.
+    pub fn new(cfg: &Config, dim: usize, rng: &mut StdRng, dev: &Device) -> Result<Self> {
+        let params = model::init_params(&cfg.model, dim, rng, dev)?;
+        let varmap = model::varmap_from(params)?;
+        let model = Vae::new(&cfg.model, dim, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+        let adam = Adam::new(
+            &varmap,
+            AdamConfig {
+                lr: cfg.train.lr,
+                beta1: cfg.train.beta1,
+                beta2: cfg.train.beta2,
+                eps: cfg.train.adam_eps,
+                weight_decay: cfg.train.weight_decay,
+            },
+        )?;
+        Ok(Trainer { model, varmap, adam })
+    }
+
+    /// One Adam step on the batch's summed -ELBO; `x` (B, D), `eps` (B, Z). Returns the batch's
+    /// summed [recon, kl] as a (2,) tensor left on the device.
+    pub fn step(&mut self, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+        let (recon, kl) = self.model.neg_elbo_terms(x, eps)?;
+        let (rs, ks) = (recon.sum_all()?, kl.sum_all()?);
+        let grads = (&rs + &ks)?.backward()?;
+        self.adam.step(&grads)?;
+        Ok(Tensor::stack(&[rs.detach(), ks.detach()], 0)?)
+    }
+}
+
 /// `vae train`: trains `cfg` into a new run directory and returns it.
 pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
     let dev = device::open(&cfg.device).context("key `device` / --device")?;
@@ -95,23 +132,7 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
 
     // Parameters first, so a seed's init does not depend on the data options.
-    let params = model::init_params(&cfg.model, dim, &mut rng, &dev)?;
-    let varmap = model::varmap_from(params)?;
-    let model = Vae::new(
-        &cfg.model,
-        dim,
-        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-    )?;
-    let mut adam = Adam::new(
-        &varmap,
-        AdamConfig {
-            lr: cfg.train.lr,
-            beta1: cfg.train.beta1,
-            beta2: cfg.train.beta2,
-            eps: cfg.train.adam_eps,
-            weight_decay: cfg.train.weight_decay,
-        },
-    )?;
+    let mut tr = Trainer::new(cfg, dim, &mut rng, &dev)?;
 
     let mut train_px = ds.train.pixels_f32();
     if cfg.data.binarize == Binarize::Static {
@@ -150,7 +171,7 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         epoch: 0,
         step: 0,
         train: None,
-        test: eval::evaluate(&model, &x_test, cfg.train.eval_batch_size, cfg.seed)?,
+        test: eval::evaluate(&tr.model, &x_test, cfg.train.eval_batch_size, cfg.seed)?,
         seconds: 0.0,
     };
     println!("{}", row0.line(cfg.train.epochs));
@@ -190,12 +211,7 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
                     .to_dtype(DType::F32)?;
             }
             let eps = eval::normal(&mut rng, b, cfg.model.latent, &dev)?;
-            let (recon, kl) = model.neg_elbo_terms(&x, &eps)?;
-            let (rs, ks) = (recon.sum_all()?, kl.sum_all()?);
-            let loss = (&rs + &ks)?;
-            let grads = loss.backward()?;
-            adam.step(&grads)?;
-            acc = (acc + Tensor::stack(&[rs.detach(), ks.detach()], 0)?)?;
+            acc = (acc + tr.step(&x, &eps)?)?;
             bar.inc(1);
         }
         let sums = acc.to_vec1::<f32>()?;
@@ -206,10 +222,10 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
             recon: sums[0] as f64 / n as f64,
             kl: sums[1] as f64 / n as f64,
         };
-        let test = eval::evaluate(&model, &x_test, cfg.train.eval_batch_size, cfg.seed)?;
+        let test = eval::evaluate(&tr.model, &x_test, cfg.train.eval_batch_size, cfg.seed)?;
         let row = EpochRow {
             epoch,
-            step: adam.step,
+            step: tr.adam.step,
             train: Some(train),
             test,
             seconds,
@@ -218,12 +234,12 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         csv.push_str(&row.csv());
 
         // The checkpoint: weights, then moments, then state.json last, which names the epoch.
-        run::save_tensors(&run_dir.join(run::MODEL_FILE), &model::snapshot(&varmap)?)?;
-        run::save_tensors(&run_dir.join(run::OPTIM_FILE), &adam.state())?;
+        run::save_tensors(&run_dir.join(run::MODEL_FILE), &model::snapshot(&tr.varmap)?)?;
+        run::save_tensors(&run_dir.join(run::OPTIM_FILE), &tr.adam.state())?;
         let state = State {
             format: 1,
             epoch,
-            step: adam.step,
+            step: tr.adam.step,
             rows: ds.train.rows,
             cols: ds.train.cols,
         };
