@@ -98,6 +98,19 @@ pub struct TrainConfig {
     pub beta2: f64,
     pub adam_eps: f64,
     pub eval_batch_size: usize,
+    pub engine: EngineKind,
+}
+
+/// How a training step is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// The fused CPU step on the CPU when it implements the model, else autograd.
+    Auto,
+    /// The hand-written CPU step (`fused`): the fast path.
+    Fused,
+    /// Candle's autograd: any device and any model.
+    Autograd,
 }
 
 impl Default for Config {
@@ -150,6 +163,7 @@ impl Default for TrainConfig {
             beta2: 0.999,
             adam_eps: 1e-8,
             eval_batch_size: 1000,
+            engine: EngineKind::Auto,
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod fused;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -52,6 +52,7 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    vae::device::init_cpu_threads();
     if let Err(e) = dispatch(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -6,20 +6,23 @@
 //! Every random draw (init, shuffles, eps, binarization) comes from one `StdRng` seeded with
 //! `seed`, in a fixed order, so a seed and a device give one sequence of numbers.
 
-use crate::config::{Binarize, Config};
+use crate::config::{Binarize, Config, EngineKind};
 use crate::data;
 use crate::device;
 use crate::eval::{self, Totals};
+use crate::fused::{self, Fused};
 use crate::model::{self, Vae};
 use crate::optim::{Adam, AdamConfig};
 use crate::run::{self, State};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -87,30 +90,43 @@ impl EpochRow {
     }
 }
 
-/// The model with its optimizer: what one training step needs.
+/// The model with its optimizer, on candle's autograd: any device, any config.
 pub struct Trainer {
     pub model: Vae,
     pub varmap: VarMap,
     pub adam: Adam,
 }
 
+fn adam_config(cfg: &Config) -> AdamConfig {
+    AdamConfig {
+        lr: cfg.train.lr,
+        beta1: cfg.train.beta1,
+        beta2: cfg.train.beta2,
+        eps: cfg.train.adam_eps,
+        weight_decay: cfg.train.weight_decay,
+    }
+}
+
 impl Trainer {
-    /// Fresh parameters from `rng` (PyTorch's `nn.Linear` init) and zero Adam moments.
-    pub fn new(cfg: &Config, dim: usize, rng: &mut StdRng, dev: &Device) -> Result<Self> {
-        let params = model::init_params(&cfg.model, dim, rng, dev)?;
+    /// Builds the model on `params` with zero Adam moments.
+    pub fn new(
+        cfg: &Config,
+        dim: usize,
+        params: HashMap<String, Tensor>,
+        dev: &Device,
+    ) -> Result<Self> {
         let varmap = model::varmap_from(params)?;
-        let model = Vae::new(&cfg.model, dim, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
-        let adam = Adam::new(
-            &varmap,
-            AdamConfig {
-                lr: cfg.train.lr,
-                beta1: cfg.train.beta1,
-                beta2: cfg.train.beta2,
-                eps: cfg.train.adam_eps,
-                weight_decay: cfg.train.weight_decay,
-            },
+        let model = Vae::new(
+            &cfg.model,
+            dim,
+            VarBuilder::from_varmap(&varmap, DType::F32, dev),
         )?;
-        Ok(Trainer { model, varmap, adam })
+        let adam = Adam::new(&varmap, adam_config(cfg))?;
+        Ok(Trainer {
+            model,
+            varmap,
+            adam,
+        })
     }
 
     /// One Adam step on the batch's summed -ELBO; `x` (B, D), `eps` (B, Z). Returns the batch's
@@ -124,23 +140,171 @@ impl Trainer {
     }
 }
 
+/// Which implementation of the step a run uses (`train.engine`).
+#[allow(clippy::large_enum_variant)] // one per run
+pub enum Engine {
+    /// The hand-written CPU step of `fused`, with the training set on the host.
+    Fused { f: Box<Fused>, pixels: Vec<f32> },
+    /// Candle autograd, with the training set as one (N, D) tensor on the device.
+    Autograd { t: Trainer, x: Tensor },
+}
+
+impl Engine {
+    pub fn new(
+        cfg: &Config,
+        dim: usize,
+        params: HashMap<String, Tensor>,
+        pixels: Vec<f32>,
+        dev: &Device,
+    ) -> Result<Self> {
+        let cpu = matches!(dev, Device::Cpu);
+        let fused = match cfg.train.engine {
+            EngineKind::Auto => cpu && fused::supports(&cfg.model),
+            EngineKind::Fused => {
+                if !cpu {
+                    bail!("key `train.engine`: \"fused\" runs on the CPU only; use \"auto\" or --device cpu");
+                }
+                if !fused::supports(&cfg.model) {
+                    bail!("key `train.engine`: \"fused\" does not implement model.activation = gelu; use \"auto\"");
+                }
+                true
+            }
+            EngineKind::Autograd => false,
+        };
+        if fused {
+            let f = Fused::new(
+                &cfg.model,
+                dim,
+                &params,
+                adam_config(cfg),
+                cfg.train.batch_size,
+            )?;
+            Ok(Engine::Fused {
+                f: Box::new(f),
+                pixels,
+            })
+        } else {
+            let n = pixels.len() / dim;
+            let x = Tensor::from_vec(pixels, (n, dim), dev)?;
+            Ok(Engine::Autograd {
+                t: Trainer::new(cfg, dim, params, dev)?,
+                x,
+            })
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Fused { .. } => "fused CPU step",
+            Engine::Autograd { .. } => "candle autograd",
+        }
+    }
+
+    /// One step on the training images `idx`; draws binarization uniforms (dynamic only), then
+    /// eps, from `rng` in that order, whichever the engine. Returns the summed [recon, kl],
+    /// left on the device for the autograd engine.
+    fn step(
+        &mut self,
+        idx: &[u32],
+        dynamic: bool,
+        latent: usize,
+        rng: &mut StdRng,
+    ) -> Result<Sums> {
+        let b = idx.len();
+        match self {
+            Engine::Fused { f, pixels } => {
+                let x = f.x_mut(b);
+                let dim = x.len() / b;
+                for (row, &i) in x.chunks_exact_mut(dim).zip(idx) {
+                    let i = i as usize;
+                    row.copy_from_slice(&pixels[i * dim..(i + 1) * dim]);
+                }
+                if dynamic {
+                    for v in x.iter_mut() {
+                        *v = if rng.random::<f32>() < *v { 1.0 } else { 0.0 };
+                    }
+                }
+                for e in f.eps_mut(b) {
+                    *e = StandardNormal.sample(rng);
+                }
+                let (r, k) = f.step(b)?;
+                Ok(Sums::Host(r, k))
+            }
+            Engine::Autograd { t, x } => {
+                let dev = x.device().clone();
+                let dim = x.dim(1)?;
+                let it = Tensor::from_slice(idx, b, &dev)?;
+                let mut xb = x.index_select(&it, 0)?;
+                if dynamic {
+                    let u: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
+                    xb = Tensor::from_vec(u, (b, dim), &dev)?
+                        .lt(&xb)?
+                        .to_dtype(DType::F32)?;
+                }
+                let eps = eval::normal(rng, b, latent, &dev)?;
+                Ok(Sums::Device(t.step(&xb, &eps)?))
+            }
+        }
+    }
+
+    /// The parameters in checkpoint layout.
+    pub fn params(&self) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Engine::Fused { f, .. } => f.params(),
+            Engine::Autograd { t, .. } => Ok(model::snapshot(&t.varmap)?),
+        }
+    }
+
+    pub fn optimizer_state(&self) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Engine::Fused { f, .. } => f.adam_state(),
+            Engine::Autograd { t, .. } => Ok(t.adam.state()),
+        }
+    }
+
+    pub fn steps(&self) -> u64 {
+        match self {
+            Engine::Fused { f, .. } => f.step,
+            Engine::Autograd { t, .. } => t.adam.step,
+        }
+    }
+
+    /// A candle model of the current parameters on `dev`, for evaluation.
+    fn eval_model(&self, cfg: &Config, dim: usize, dev: &Device) -> Result<Vae> {
+        let params = self.params()?;
+        let params = params
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(dev)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(Vae::new(
+            &cfg.model,
+            dim,
+            VarBuilder::from_tensors(params, DType::F32, dev),
+        )?)
+    }
+}
+
+/// A batch's summed [recon, kl]: on the host, or left on the device to avoid a sync.
+enum Sums {
+    Host(f64, f64),
+    Device(Tensor),
+}
+
 /// `vae train`: trains `cfg` into a new run directory and returns it.
 pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
     let dev = device::open(&cfg.device).context("key `device` / --device")?;
     let ds = data::load_dir(&cfg.data.dir, cfg.data.limit, cfg.data.test_limit)?;
     let dim = ds.train.dim();
+    let n = ds.train.n;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
 
     // Parameters first, so a seed's init does not depend on the data options.
-    let mut tr = Trainer::new(cfg, dim, &mut rng, &dev)?;
-
+    let params = model::init_params(&cfg.model, dim, &mut rng, &dev)?;
     let mut train_px = ds.train.pixels_f32();
     if cfg.data.binarize == Binarize::Static {
         data::binarize_in_place(&mut train_px, &mut rng);
     }
-    let n = ds.train.n;
-    // (N, D) on the device for the whole run; batches are gathered there by index.
-    let x_train = Tensor::from_vec(train_px, (n, dim), &dev)?;
+    let mut engine = Engine::new(cfg, dim, params, train_px, &dev)?;
     let x_test = eval::test_tensor(cfg, &ds.test, &dev)?;
 
     let run_dir = run::create(cfg, opts.run.as_deref())?;
@@ -156,9 +320,10 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         println!("#");
     }
     println!(
-        "run {}  device {}  data {} ({} train, {} test images of {}x{})",
+        "run {}  device {}  engine {}  data {} ({} train, {} test images of {}x{})",
         run_dir.display(),
         device::describe(&dev),
+        engine.name(),
         ds.dir.display(),
         n,
         ds.test.n,
@@ -166,18 +331,23 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         ds.train.cols
     );
 
+    let evaluate = |engine: &Engine| -> Result<Totals> {
+        let m = engine.eval_model(cfg, dim, &dev)?;
+        eval::evaluate(&m, &x_test, cfg.train.eval_batch_size, cfg.seed)
+    };
     let mut csv = String::from(CSV_HEADER);
     let row0 = EpochRow {
         epoch: 0,
         step: 0,
         train: None,
-        test: eval::evaluate(&tr.model, &x_test, cfg.train.eval_batch_size, cfg.seed)?,
+        test: evaluate(&engine)?,
         seconds: 0.0,
     };
     println!("{}", row0.line(cfg.train.epochs));
     csv.push_str(&row0.csv());
 
     let bs = cfg.train.batch_size;
+    let dynamic = cfg.data.binarize == Binarize::Dynamic;
     let steps_per_epoch = n.div_ceil(bs);
     let show_bar = !opts.quiet && std::io::stderr().is_terminal();
     let mut order: Vec<u32> = (0..n as u32).collect();
@@ -198,48 +368,49 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         };
         let t0 = Instant::now();
         order.shuffle(&mut rng);
-        // Running sums of [recon, kl] over the epoch, kept on the device: no host sync per step.
-        let mut acc = Tensor::zeros(2, DType::F32, &dev)?;
+        // Running sums of [recon, kl]; the autograd engine keeps them on the device (no host
+        // sync per step).
+        let (mut host, mut on_dev) = ((0f64, 0f64), None::<Tensor>);
         for chunk in order.chunks(bs) {
-            let b = chunk.len();
-            let idx = Tensor::from_slice(chunk, b, &dev)?;
-            let mut x = x_train.index_select(&idx, 0)?;
-            if cfg.data.binarize == Binarize::Dynamic {
-                let u: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
-                x = Tensor::from_vec(u, (b, dim), &dev)?
-                    .lt(&x)?
-                    .to_dtype(DType::F32)?;
+            match engine.step(chunk, dynamic, cfg.model.latent, &mut rng)? {
+                Sums::Host(r, k) => host = (host.0 + r, host.1 + k),
+                Sums::Device(t) => {
+                    on_dev = Some(match on_dev {
+                        Some(a) => (a + t)?,
+                        None => t,
+                    })
+                }
             }
-            let eps = eval::normal(&mut rng, b, cfg.model.latent, &dev)?;
-            acc = (acc + tr.step(&x, &eps)?)?;
             bar.inc(1);
         }
-        let sums = acc.to_vec1::<f32>()?;
+        if let Some(t) = on_dev {
+            let v = t.to_vec1::<f32>()?;
+            host = (host.0 + v[0] as f64, host.1 + v[1] as f64);
+        }
         let seconds = t0.elapsed().as_secs_f64();
         bar.finish_and_clear();
         let train = Totals {
             n,
-            recon: sums[0] as f64 / n as f64,
-            kl: sums[1] as f64 / n as f64,
+            recon: host.0 / n as f64,
+            kl: host.1 / n as f64,
         };
-        let test = eval::evaluate(&tr.model, &x_test, cfg.train.eval_batch_size, cfg.seed)?;
         let row = EpochRow {
             epoch,
-            step: tr.adam.step,
+            step: engine.steps(),
             train: Some(train),
-            test,
+            test: evaluate(&engine)?,
             seconds,
         };
         println!("{}", row.line(cfg.train.epochs));
         csv.push_str(&row.csv());
 
         // The checkpoint: weights, then moments, then state.json last, which names the epoch.
-        run::save_tensors(&run_dir.join(run::MODEL_FILE), &model::snapshot(&tr.varmap)?)?;
-        run::save_tensors(&run_dir.join(run::OPTIM_FILE), &tr.adam.state())?;
+        run::save_tensors(&run_dir.join(run::MODEL_FILE), &engine.params()?)?;
+        run::save_tensors(&run_dir.join(run::OPTIM_FILE), &engine.optimizer_state()?)?;
         let state = State {
             format: 1,
             epoch,
-            step: tr.adam.step,
+            step: engine.steps(),
             rows: ds.train.rows,
             cols: ds.train.cols,
         };

@@ -1,0 +1,1052 @@
+//! The fused CPU training step: the same model, loss and Adam as `model`, `loss` and `optim`, but
+//! forward and backward written out by hand (Kingma & Welling 2013, eq. 10, and its gradients) on
+//! preallocated buffers, with the matrix products on `gemm` (candle's own CPU matmul, built with
+//! its AVX-512 kernels) and each elementwise stage one pass. No allocation and no graph per step.
+//!
+//! Candle's autograd spends ~20 ms a step on this model (graph, an allocation per intermediate,
+//! twelve tensor ops per parameter for Adam); this path is what makes CPU training fast.
+//! `tests::matches_autograd` checks its loss and gradients against candle's autograd.
+//!
+//! Layout: every parameter lives in one flat buffer `theta`; a weight is stored (in, out)
+//! row-major, the transpose of the checkpoint's (out, in), because x (B, in) @ W (in, out) is
+//! gemm's fast case. The two encoder heads are one (H, 2Z) matrix: mu columns, then logvar.
+
+use crate::config::{Activation, DecoderKind, ModelConfig};
+use crate::loss::LN_2PI;
+use crate::model::MIN_LOGVAR;
+use crate::optim::AdamConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// Runs `$body` compiled for AVX2+FMA when the CPU has them (so the loops vectorize 8-wide and
+/// `exp`'s floor is one instruction), else as plain x86-64.
+macro_rules! simd {
+    ($body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn fast512<R>(f: impl FnOnce() -> R) -> R {
+                    f()
+                }
+                // SAFETY: the features were detected above.
+                unsafe { fast512(|| $body) }
+            } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast<R>(f: impl FnOnce() -> R) -> R {
+                    f()
+                }
+                // SAFETY: the features were detected above.
+                unsafe { fast(|| $body) }
+            } else {
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $body
+        }
+    }};
+}
+
+/// e^x for f32 in a form the compiler vectorizes: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2],
+/// p the degree-6 Taylor polynomial (relative error < 2e-7 on that interval).
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// ln(1 + y) for y in [0, 1] (the softplus tail): ln(1+y) = 2 atanh(s), s = y / (2 + y) <= 1/3,
+/// odd series to s^11 (error < 1e-7).
+#[inline(always)]
+fn ln1p_unit(y: f32) -> f32 {
+    let s = y / (2.0 + y);
+    let s2 = s * s;
+    2.0 * s
+        * (1.0
+            + s2 * (1.0 / 3.0
+                + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0))))))
+}
+
+/// log(1 + e^a) and its derivative sigmoid(a), from one exp.
+#[inline(always)]
+fn softplus_and_sigmoid(a: f32) -> (f32, f32) {
+    let e = exp_f32(-a.abs());
+    let inv = 1.0 / (1.0 + e);
+    let sig = if a >= 0.0 { inv } else { e * inv };
+    (a.max(0.0) + ln1p_unit(e), sig)
+}
+
+#[inline(always)]
+fn act_fwd(act: Activation, a: f32) -> f32 {
+    match act {
+        Activation::Relu => a.max(0.0),
+        Activation::Tanh => {
+            let e = exp_f32(-2.0 * a.abs());
+            ((1.0 - e) / (1.0 + e)).copysign(a)
+        }
+        Activation::Softplus => softplus_and_sigmoid(a).0,
+        Activation::Sigmoid => softplus_and_sigmoid(a).1,
+        Activation::Gelu => f32::NAN, // not supported here; `supports` keeps it on the autograd path
+    }
+}
+
+/// d act / d a, from the pre-activation `a` and the output `h`.
+#[inline(always)]
+fn act_grad(act: Activation, a: f32, h: f32) -> f32 {
+    match act {
+        Activation::Relu => {
+            if a > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Activation::Tanh => 1.0 - h * h,
+        Activation::Softplus => softplus_and_sigmoid(a).1,
+        Activation::Sigmoid => h * (1.0 - h),
+        Activation::Gelu => f32::NAN,
+    }
+}
+
+/// Whether the fused step implements `cfg` (everything but GELU).
+pub fn supports(cfg: &ModelConfig) -> bool {
+    cfg.activation != Activation::Gelu
+}
+
+/// A linear layer's place in `theta`: W (n_in, n_out) row-major at `w`, bias (n_out) at `b`.
+#[derive(Debug, Clone, Copy)]
+struct Lin {
+    w: usize,
+    b: usize,
+    n_in: usize,
+    n_out: usize,
+}
+
+#[allow(clippy::too_many_arguments)] // the BLAS shape: dst, two operands, three sizes, two flags
+/// C (m, n) = A (m, k) @ B (k, n), row-major; `a_t`: A is stored (k, m); `b_t`: B is stored (n, k).
+fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, a_t: bool, b_t: bool) {
+    debug_assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    let (a_cs, a_rs) = if a_t {
+        (m as isize, 1)
+    } else {
+        (1, k as isize)
+    };
+    let (b_cs, b_rs) = if b_t {
+        (k as isize, 1)
+    } else {
+        (1, n as isize)
+    };
+    // Only the big products (128 x 400 x 784 in the reference) gain from a second thread; for
+    // the small ones the hand-off costs more than it saves.
+    let par = if m * n * k >= 1 << 23 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the slices hold at least the extents the strides describe (checked above in
+    // debug builds; the callers size every buffer from the same dimensions).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Calls `$f::<ACT>(args)` with the activation as a const generic, so each inner loop is
+/// compiled for one activation and vectorizes.
+macro_rules! with_act {
+    ($act:expr, $f:ident($($arg:expr),*)) => {
+        match $act {
+            Activation::Relu => $f::<0>($($arg),*),
+            Activation::Tanh => $f::<1>($($arg),*),
+            Activation::Softplus => $f::<2>($($arg),*),
+            Activation::Sigmoid => $f::<3>($($arg),*),
+            Activation::Gelu => $f::<4>($($arg),*),
+        }
+    };
+}
+
+const ACTS: [Activation; 5] = [
+    Activation::Relu,
+    Activation::Tanh,
+    Activation::Softplus,
+    Activation::Sigmoid,
+    Activation::Gelu,
+];
+
+/// Adds `bias` to every row of `a` (rows, n) and writes act(a) to `h`.
+fn bias_act(a: &mut [f32], h: &mut [f32], bias: &[f32], n: usize, act: Activation) {
+    fn go<const A: usize>(a: &mut [f32], h: &mut [f32], bias: &[f32], n: usize) {
+        simd!({
+            for (ar, hr) in a.chunks_exact_mut(n).zip(h.chunks_exact_mut(n)) {
+                for ((av, hv), bv) in ar.iter_mut().zip(hr.iter_mut()).zip(bias) {
+                    *av += bv;
+                    *hv = act_fwd(ACTS[A], *av);
+                }
+            }
+        })
+    }
+    with_act!(act, go(a, h, bias, n))
+}
+
+/// d[j] *= act'(a[j]) in place.
+fn act_backward(d: &mut [f32], a: &[f32], h: &[f32], act: Activation) {
+    fn go<const A: usize>(d: &mut [f32], a: &[f32], h: &[f32]) {
+        simd!({
+            for ((dv, av), hv) in d.iter_mut().zip(a).zip(h) {
+                *dv *= act_grad(ACTS[A], *av, *hv);
+            }
+        })
+    }
+    with_act!(act, go(d, a, h))
+}
+
+/// Sum of `v` in 16 lanes (a plain f32 sum is a serial chain the compiler may not reorder).
+#[inline(always)]
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// Column sums of `d` (rows, n) into `out` (n).
+fn col_sums(out: &mut [f32], d: &[f32], n: usize) {
+    simd!({
+        out.fill(0.0);
+        for r in d.chunks_exact(n) {
+            for (o, v) in out.iter_mut().zip(r) {
+                *o += v;
+            }
+        }
+    })
+}
+
+/// Per-batch buffers, sized for `cap` rows.
+struct Work {
+    x: Vec<f32>,
+    eps: Vec<f32>,
+    /// Encoder pre-activations and activations, one pair per hidden layer.
+    enc_a: Vec<Vec<f32>>,
+    enc_h: Vec<Vec<f32>>,
+    /// (B, 2Z): mu then logvar per row.
+    ml: Vec<f32>,
+    sigma: Vec<f32>,
+    z: Vec<f32>,
+    dec_a: Vec<Vec<f32>>,
+    dec_h: Vec<Vec<f32>>,
+    out: Vec<f32>,
+    d_out: Vec<f32>,
+    /// Two scratch buffers for back-propagated activations, the widest layer wide.
+    d1: Vec<f32>,
+    d2: Vec<f32>,
+    d_ml: Vec<f32>,
+}
+
+/// The fused trainer: parameters, gradients, Adam moments and work buffers.
+pub struct Fused {
+    cfg: ModelConfig,
+    adam: AdamConfig,
+    dim: usize,
+    theta: Vec<f32>,
+    grad: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    pub step: u64,
+    enc: Vec<Lin>,
+    head: Lin,
+    dec: Vec<Lin>,
+    out: Lin,
+    /// Learned decoder log-variance (D) offset, if any.
+    dec_lv: Option<usize>,
+    work: Work,
+    cap: usize,
+}
+
+impl Fused {
+    /// Takes parameters in the checkpoint layout (`model::param_specs` names) and zero moments.
+    pub fn new(
+        cfg: &ModelConfig,
+        dim: usize,
+        params: &HashMap<String, Tensor>,
+        adam: AdamConfig,
+        cap: usize,
+    ) -> Result<Self> {
+        if !supports(cfg) {
+            bail!(
+                "the fused CPU step does not implement activation {:?}",
+                cfg.activation
+            );
+        }
+        let mut size = 0usize;
+        let mut lin = |n_in: usize, n_out: usize| {
+            let l = Lin {
+                w: size,
+                b: size + n_in * n_out,
+                n_in,
+                n_out,
+            };
+            size += n_in * n_out + n_out;
+            l
+        };
+        let mut enc = Vec::new();
+        let mut prev = dim;
+        for &h in &cfg.hidden {
+            enc.push(lin(prev, h));
+            prev = h;
+        }
+        let head = lin(prev, 2 * cfg.latent);
+        let mut dec = Vec::new();
+        let mut prev = cfg.latent;
+        for &h in cfg.hidden.iter().rev() {
+            dec.push(lin(prev, h));
+            prev = h;
+        }
+        let out = lin(prev, dim);
+        let dec_lv = if cfg.decoder == DecoderKind::Gaussian && cfg.learn_sigma {
+            size += dim;
+            Some(size - dim)
+        } else {
+            None
+        };
+        let widest = cfg.hidden.iter().copied().max().unwrap_or(0);
+        let z = cfg.latent;
+        let work = Work {
+            x: vec![0.0; cap * dim],
+            eps: vec![0.0; cap * z],
+            enc_a: cfg.hidden.iter().map(|&h| vec![0.0; cap * h]).collect(),
+            enc_h: cfg.hidden.iter().map(|&h| vec![0.0; cap * h]).collect(),
+            ml: vec![0.0; cap * 2 * z],
+            sigma: vec![0.0; cap * z],
+            z: vec![0.0; cap * z],
+            dec_a: cfg
+                .hidden
+                .iter()
+                .rev()
+                .map(|&h| vec![0.0; cap * h])
+                .collect(),
+            dec_h: cfg
+                .hidden
+                .iter()
+                .rev()
+                .map(|&h| vec![0.0; cap * h])
+                .collect(),
+            out: vec![0.0; cap * dim],
+            d_out: vec![0.0; cap * dim],
+            d1: vec![0.0; cap * widest.max(2 * z)],
+            d2: vec![0.0; cap * widest.max(2 * z)],
+            d_ml: vec![0.0; cap * 2 * z],
+        };
+        let mut f = Fused {
+            cfg: cfg.clone(),
+            adam,
+            dim,
+            theta: vec![0.0; size],
+            grad: vec![0.0; size],
+            m: vec![0.0; size],
+            v: vec![0.0; size],
+            step: 0,
+            enc,
+            head,
+            dec,
+            out,
+            dec_lv,
+            work,
+            cap,
+        };
+        f.import(params, Which::Theta)?;
+        Ok(f)
+    }
+
+    /// The batch capacity; `x_mut` and `eps_mut` hold `rows` rows of it.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// The input rows (rows, D) to fill before `step`.
+    pub fn x_mut(&mut self, rows: usize) -> &mut [f32] {
+        &mut self.work.x[..rows * self.dim]
+    }
+
+    /// The noise rows (rows, Z) to fill before `step`.
+    pub fn eps_mut(&mut self, rows: usize) -> &mut [f32] {
+        &mut self.work.eps[..rows * self.cfg.latent]
+    }
+
+    /// Forward, backward and one Adam step on the first `rows` rows of the work buffers.
+    /// Returns the batch's summed (recon, kl) in nats.
+    pub fn step(&mut self, rows: usize) -> Result<(f64, f64)> {
+        if rows == 0 || rows > self.cap {
+            bail!("batch of {rows} rows for a buffer of {}", self.cap);
+        }
+        let terms = self.forward_backward(rows);
+        self.adam_step();
+        Ok(terms)
+    }
+
+    fn forward_backward(&mut self, b: usize) -> (f64, f64) {
+        let (dim, z, act) = (self.dim, self.cfg.latent, self.cfg.activation);
+        let th = &self.theta;
+        let g = &mut self.grad;
+        let w = &mut self.work;
+
+        // Encoder: a_i = h_{i-1} W_i + b_i, h_i = act(a_i).
+        for (i, l) in self.enc.iter().enumerate() {
+            let (prev_h, rest_h) = w.enc_h.split_at_mut(i);
+            let input: &[f32] = if i == 0 { &w.x } else { &prev_h[i - 1] };
+            let (a, h) = (&mut w.enc_a[i], &mut rest_h[0]);
+            matmul(
+                a,
+                &input[..b * l.n_in],
+                &th[l.w..l.b],
+                b,
+                l.n_out,
+                l.n_in,
+                false,
+                false,
+            );
+            bias_act(
+                &mut a[..b * l.n_out],
+                &mut h[..b * l.n_out],
+                &th[l.b..l.b + l.n_out],
+                l.n_out,
+                act,
+            );
+        }
+        // Heads: [mu | logvar] = h_L W_head + b_head, (B, 2Z).
+        let hl = self.head;
+        let top = &w.enc_h[self.enc.len() - 1];
+        matmul(
+            &mut w.ml,
+            &top[..b * hl.n_in],
+            &th[hl.w..hl.b],
+            b,
+            2 * z,
+            hl.n_in,
+            false,
+            false,
+        );
+        // Reparameterize, and the KL 1/2 sum(mu^2 + sigma^2 - logvar - 1).
+        let hb = &th[hl.b..hl.b + 2 * z];
+        let kl = simd!({
+            let mut kl = 0f64;
+            for r in 0..b {
+                let row = &mut w.ml[r * 2 * z..(r + 1) * 2 * z];
+                let mut acc = 0f32;
+                for j in 0..z {
+                    row[j] += hb[j];
+                    row[z + j] += hb[z + j];
+                    let (mu, lv) = (row[j], row[z + j]);
+                    let s = exp_f32(0.5 * lv);
+                    w.sigma[r * z + j] = s;
+                    w.z[r * z + j] = mu + s * w.eps[r * z + j];
+                    acc += mu * mu + s * s - lv - 1.0;
+                }
+                kl += 0.5 * acc as f64;
+            }
+            kl
+        });
+        // Decoder.
+        for (i, l) in self.dec.iter().enumerate() {
+            let (prev_h, rest_h) = w.dec_h.split_at_mut(i);
+            let input: &[f32] = if i == 0 { &w.z } else { &prev_h[i - 1] };
+            let (a, h) = (&mut w.dec_a[i], &mut rest_h[0]);
+            matmul(
+                a,
+                &input[..b * l.n_in],
+                &th[l.w..l.b],
+                b,
+                l.n_out,
+                l.n_in,
+                false,
+                false,
+            );
+            bias_act(
+                &mut a[..b * l.n_out],
+                &mut h[..b * l.n_out],
+                &th[l.b..l.b + l.n_out],
+                l.n_out,
+                act,
+            );
+        }
+        let lo = self.out;
+        let last = &w.dec_h[self.dec.len() - 1];
+        matmul(
+            &mut w.out,
+            &last[..b * lo.n_in],
+            &th[lo.w..lo.b],
+            b,
+            dim,
+            lo.n_in,
+            false,
+            false,
+        );
+
+        // Reconstruction NLL and its gradient d_out, in one pass over (B, D).
+        let ob = &th[lo.b..lo.b + dim];
+        let recon = match (self.cfg.decoder, self.dec_lv) {
+            (DecoderKind::Bernoulli, _) => simd!({
+                let mut total = 0f64;
+                for r in 0..b {
+                    let o = &mut w.out[r * dim..(r + 1) * dim];
+                    let x = &w.x[r * dim..(r + 1) * dim];
+                    let d = &mut w.d_out[r * dim..(r + 1) * dim];
+                    for j in 0..dim {
+                        let l = o[j] + ob[j];
+                        // max(l,0) - l x + log(1 + e^-|l|); d/dl = sigmoid(l) - x. The logit is
+                        // not needed after this, so its slot takes the pixel's loss.
+                        let (sp, sig) = softplus_and_sigmoid(l);
+                        o[j] = sp - l * x[j];
+                        d[j] = sig - x[j];
+                    }
+                    total += lane_sum(o) as f64;
+                }
+                total
+            }),
+            (DecoderKind::Gaussian, lv_off) => {
+                let fixed = (2.0 * self.cfg.sigma.ln()) as f32;
+                // The learned log-variance's gradient slots (D), or an empty slice.
+                let g_lv: &mut [f32] = match lv_off {
+                    Some(off) => &mut g[off..off + dim],
+                    None => &mut [],
+                };
+                simd!({
+                    let mut total = 0f64;
+                    g_lv.fill(0.0);
+                    for r in 0..b {
+                        let o = &mut w.out[r * dim..(r + 1) * dim];
+                        let x = &w.x[r * dim..(r + 1) * dim];
+                        let d = &mut w.d_out[r * dim..(r + 1) * dim];
+                        for j in 0..dim {
+                            let l = o[j] + ob[j];
+                            let (raw, learned) = match lv_off {
+                                Some(off) => (th[off + j], true),
+                                None => (fixed, false),
+                            };
+                            let lv = raw.max(MIN_LOGVAR as f32);
+                            let inv = exp_f32(-lv);
+                            let m = softplus_and_sigmoid(l).1;
+                            let res = x[j] - m;
+                            o[j] = 0.5 * (res * res * inv + lv + LN_2PI as f32);
+                            // d/dl of 1/2 (x - m)^2 / var, m = sigmoid(l).
+                            d[j] = -res * inv * m * (1.0 - m);
+                            if learned && raw >= MIN_LOGVAR as f32 {
+                                g_lv[j] += 0.5 * (1.0 - res * res * inv);
+                            }
+                        }
+                        total += lane_sum(o) as f64;
+                    }
+                    total
+                })
+            }
+        };
+
+        // Back through the output layer: dW = h^T d_out, db = colsum, dh = d_out W^T.
+        let last = &w.dec_h[self.dec.len() - 1];
+        matmul(
+            &mut g[lo.w..lo.b],
+            &last[..b * lo.n_in],
+            &w.d_out[..b * dim],
+            lo.n_in,
+            dim,
+            b,
+            true,
+            false,
+        );
+        col_sums(&mut g[lo.b..lo.b + dim], &w.d_out[..b * dim], dim);
+        matmul(
+            &mut w.d1,
+            &w.d_out[..b * dim],
+            &th[lo.w..lo.b],
+            b,
+            lo.n_in,
+            dim,
+            false,
+            true,
+        );
+        // Decoder layers, last to first; d1 holds d(loss)/d(output of the layer).
+        for (i, l) in self.dec.iter().enumerate().rev() {
+            let n = b * l.n_out;
+            act_backward(&mut w.d1[..n], &w.dec_a[i][..n], &w.dec_h[i][..n], act);
+            let input: &[f32] = if i == 0 { &w.z } else { &w.dec_h[i - 1] };
+            matmul(
+                &mut g[l.w..l.b],
+                &input[..b * l.n_in],
+                &w.d1[..n],
+                l.n_in,
+                l.n_out,
+                b,
+                true,
+                false,
+            );
+            col_sums(&mut g[l.b..l.b + l.n_out], &w.d1[..n], l.n_out);
+            matmul(
+                &mut w.d2,
+                &w.d1[..n],
+                &th[l.w..l.b],
+                b,
+                l.n_in,
+                l.n_out,
+                false,
+                true,
+            );
+            std::mem::swap(&mut w.d1, &mut w.d2);
+        }
+        // d1 now holds dz (B, Z). Through the reparameterization and the KL:
+        // dmu = dz + mu; dlogvar = dz eps sigma / 2 + (sigma^2 - 1) / 2.
+        simd!({
+            for r in 0..b {
+                for j in 0..z {
+                    let (mu, s, e, dz) = (
+                        w.ml[r * 2 * z + j],
+                        w.sigma[r * z + j],
+                        w.eps[r * z + j],
+                        w.d1[r * z + j],
+                    );
+                    w.d_ml[r * 2 * z + j] = dz + mu;
+                    w.d_ml[r * 2 * z + z + j] = 0.5 * dz * e * s + 0.5 * (s * s - 1.0);
+                }
+            }
+        });
+        let top = &w.enc_h[self.enc.len() - 1];
+        matmul(
+            &mut g[hl.w..hl.b],
+            &top[..b * hl.n_in],
+            &w.d_ml[..b * 2 * z],
+            hl.n_in,
+            2 * z,
+            b,
+            true,
+            false,
+        );
+        col_sums(&mut g[hl.b..hl.b + 2 * z], &w.d_ml[..b * 2 * z], 2 * z);
+        matmul(
+            &mut w.d1,
+            &w.d_ml[..b * 2 * z],
+            &th[hl.w..hl.b],
+            b,
+            hl.n_in,
+            2 * z,
+            false,
+            true,
+        );
+        // Encoder layers, last to first.
+        for (i, l) in self.enc.iter().enumerate().rev() {
+            let n = b * l.n_out;
+            act_backward(&mut w.d1[..n], &w.enc_a[i][..n], &w.enc_h[i][..n], act);
+            let input: &[f32] = if i == 0 { &w.x } else { &w.enc_h[i - 1] };
+            matmul(
+                &mut g[l.w..l.b],
+                &input[..b * l.n_in],
+                &w.d1[..n],
+                l.n_in,
+                l.n_out,
+                b,
+                true,
+                false,
+            );
+            col_sums(&mut g[l.b..l.b + l.n_out], &w.d1[..n], l.n_out);
+            if i > 0 {
+                matmul(
+                    &mut w.d2,
+                    &w.d1[..n],
+                    &th[l.w..l.b],
+                    b,
+                    l.n_in,
+                    l.n_out,
+                    false,
+                    true,
+                );
+                std::mem::swap(&mut w.d1, &mut w.d2);
+            }
+        }
+        (recon, kl)
+    }
+
+    /// One Adam step over the flat buffers, in parallel chunks: the same update as `optim::Adam`.
+    fn adam_step(&mut self) {
+        self.step += 1;
+        let c = self.adam;
+        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+        let step_size = (c.lr / bc1) as f32;
+        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+        let eps = c.eps as f32;
+        let decay = (1.0 - c.lr * c.weight_decay) as f32;
+        const CHUNK: usize = 1 << 15;
+        self.theta
+            .par_chunks_mut(CHUNK)
+            .zip(self.m.par_chunks_mut(CHUNK))
+            .zip(self.v.par_chunks_mut(CHUNK))
+            .zip(self.grad.par_chunks(CHUNK))
+            .for_each(|(((th, m), v), g)| {
+                simd!({
+                    for i in 0..th.len() {
+                        let gi = g[i];
+                        let mi = b1 * m[i] + (1.0 - b1) * gi;
+                        let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+                        m[i] = mi;
+                        v[i] = vi;
+                        th[i] = th[i] * decay - step_size * mi / (vi.sqrt() * inv_sqrt_bc2 + eps);
+                    }
+                })
+            });
+    }
+
+    /// Every tensor in checkpoint layout: (name, offset, rows, cols, source stride, column
+    /// offset). A checkpoint weight (out, in) is read from `theta` as the transpose of (in, out).
+    fn tensor_map(&self) -> Vec<Placed<'_>> {
+        let mut v: Vec<Placed<'_>> = Vec::new();
+        let mut lin = |name: String, l: Lin, col0: usize, cols: usize| {
+            let (w, n_out) = (l.w, l.n_out);
+            // Checkpoint element (o, i) at flat index o * n_in + i lives at w + i * n_out + col0 + o.
+            let n_in = l.n_in;
+            v.push((
+                format!("{name}.weight"),
+                vec![cols, n_in],
+                Box::new(move |k| w + (k % n_in) * n_out + col0 + k / n_in),
+            ));
+            let b = l.b;
+            v.push((
+                format!("{name}.bias"),
+                vec![cols],
+                Box::new(move |k| b + col0 + k),
+            ));
+        };
+        for (i, l) in self.enc.iter().enumerate() {
+            lin(format!("encoder.hidden.{i}"), *l, 0, l.n_out);
+        }
+        let z = self.cfg.latent;
+        lin("encoder.mu".into(), self.head, 0, z);
+        lin("encoder.logvar".into(), self.head, z, z);
+        for (i, l) in self.dec.iter().enumerate() {
+            lin(format!("decoder.hidden.{i}"), *l, 0, l.n_out);
+        }
+        lin("decoder.out".into(), self.out, 0, self.dim);
+        if let Some(off) = self.dec_lv {
+            v.push((
+                "decoder.logvar".into(),
+                vec![self.dim],
+                Box::new(move |k| off + k),
+            ));
+        }
+        v
+    }
+
+    fn export(&self, which: Which) -> Result<HashMap<String, Tensor>> {
+        let src = match which {
+            Which::Theta => &self.theta,
+            Which::M => &self.m,
+            Which::V => &self.v,
+            Which::Grad => &self.grad,
+        };
+        let mut out = HashMap::new();
+        for (name, shape, at) in self.tensor_map() {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|k| src[at(k)]).collect();
+            out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        }
+        Ok(out)
+    }
+
+    fn import(&mut self, map: &HashMap<String, Tensor>, which: Which) -> Result<()> {
+        let mut dst = match which {
+            Which::Theta => std::mem::take(&mut self.theta),
+            Which::M => std::mem::take(&mut self.m),
+            Which::V => std::mem::take(&mut self.v),
+            Which::Grad => std::mem::take(&mut self.grad),
+        };
+        for (name, shape, at) in self.tensor_map() {
+            let t = map
+                .get(&name)
+                .with_context(|| format!("no tensor `{name}`"))?;
+            if t.dims() != shape.as_slice() {
+                bail!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                );
+            }
+            let data = t.flatten_all()?.to_vec1::<f32>()?;
+            for (k, v) in data.into_iter().enumerate() {
+                dst[at(k)] = v;
+            }
+        }
+        match which {
+            Which::Theta => self.theta = dst,
+            Which::M => self.m = dst,
+            Which::V => self.v = dst,
+            Which::Grad => self.grad = dst,
+        }
+        Ok(())
+    }
+
+    /// The parameters, checkpoint layout (the names of `model::param_specs`).
+    pub fn params(&self) -> Result<HashMap<String, Tensor>> {
+        self.export(Which::Theta)
+    }
+
+    /// Adam's moments as `m.<name>`, `v.<name>`, as `optim::Adam::state` names them.
+    pub fn adam_state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut h = HashMap::new();
+        for (k, t) in self.export(Which::M)? {
+            h.insert(format!("m.{k}"), t);
+        }
+        for (k, t) in self.export(Which::V)? {
+            h.insert(format!("v.{k}"), t);
+        }
+        Ok(h)
+    }
+
+    /// The last step's gradients, checkpoint layout (for tests).
+    pub fn grads(&self) -> Result<HashMap<String, Tensor>> {
+        self.export(Which::Grad)
+    }
+
+    /// Forward and backward without the Adam step (for tests).
+    pub fn loss_and_grads(&mut self, rows: usize) -> (f64, f64) {
+        self.forward_backward(rows)
+    }
+}
+
+/// A checkpoint tensor's name, shape, and where its k-th element (row-major) lives in a buffer.
+type Placed<'a> = (String, Vec<usize>, Box<dyn Fn(usize) -> usize + 'a>);
+
+#[derive(Clone, Copy)]
+enum Which {
+    Theta,
+    M,
+    V,
+    Grad,
+}
+
+#[cfg(test)]
+#[allow(clippy::approx_constant)] // hand-computed expected values, written as computed
+mod tests {
+    use super::*;
+    use crate::model::{self, Vae};
+    use candle_core::DType;
+    use candle_nn::VarBuilder;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use rand_distr::{Distribution, StandardNormal};
+
+    #[test]
+    fn exp_and_ln1p_are_accurate() {
+        for i in -800..=800 {
+            let x = i as f32 * 0.1;
+            let (a, b) = (exp_f32(x), x.exp());
+            assert!((a - b).abs() <= 3e-7 * b, "exp({x}) = {a}, want {b}");
+        }
+        for i in 0..=1000 {
+            let y = i as f32 / 1000.0;
+            assert!((ln1p_unit(y) - y.ln_1p()).abs() < 2e-7, "ln1p({y})");
+        }
+        // Hand values: e^0 = 1, e^1 = 2.718282, softplus(0) = ln 2 = 0.693147, sigmoid(0) = 0.5.
+        assert!((exp_f32(0.0) - 1.0).abs() < 1e-7 && (exp_f32(1.0) - 2.718282).abs() < 1e-6);
+        let (sp, sg) = softplus_and_sigmoid(0.0);
+        assert!((sp - 0.693147).abs() < 1e-6 && sg == 0.5);
+        // Extremes stay finite: softplus(100) = 100, softplus(-100) ~ 0.
+        assert_eq!(softplus_and_sigmoid(100.0).0, 100.0);
+        assert!(softplus_and_sigmoid(-100.0).0 < 1e-30);
+    }
+
+    /// The fused step against candle's autograd on the same parameters, batch and noise.
+    fn check(cfg: ModelConfig) {
+        let (dim, b) = (12, 5);
+        let mut rng = StdRng::seed_from_u64(3);
+        let dev = Device::Cpu;
+        let params = model::init_params(&cfg, dim, &mut rng, &dev).unwrap();
+        let x: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
+        let eps: Vec<f32> = (0..b * cfg.latent)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        let adam = AdamConfig {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+
+        let vm = model::varmap_from(params.clone()).unwrap();
+        let m = Vae::new(&cfg, dim, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let xt = Tensor::from_vec(x.clone(), (b, dim), &dev).unwrap();
+        let et = Tensor::from_vec(eps.clone(), (b, cfg.latent), &dev).unwrap();
+        let (r, k) = m.neg_elbo_terms(&xt, &et).unwrap();
+        let (r, k) = (r.sum_all().unwrap(), k.sum_all().unwrap());
+        let grads = (&r + &k).unwrap().backward().unwrap();
+        let (r, k) = (
+            r.to_scalar::<f32>().unwrap() as f64,
+            k.to_scalar::<f32>().unwrap() as f64,
+        );
+
+        let mut f = Fused::new(&cfg, dim, &params, adam, 8).unwrap();
+        f.x_mut(b).copy_from_slice(&x);
+        f.eps_mut(b).copy_from_slice(&eps);
+        let (fr, fk) = f.loss_and_grads(b);
+        assert!(
+            (fr - r).abs() < 1e-4 * r.abs().max(1.0),
+            "recon {fr} vs {r}"
+        );
+        assert!((fk - k).abs() < 1e-4 * k.abs().max(1.0), "kl {fk} vs {k}");
+        let fg = f.grads().unwrap();
+        let data = vm.data().lock().unwrap();
+        for (name, var) in data.iter() {
+            let want = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = fg[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let scale = want.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 2e-4 * scale,
+                    "{cfg:?}: d{name}[{i}] = {g}, autograd {w}"
+                );
+            }
+        }
+        // And the parameters round-trip through the checkpoint layout unchanged.
+        let back = f.params().unwrap();
+        for (name, t) in &params {
+            assert_eq!(
+                back[name].to_vec1::<f32>().ok(),
+                t.to_vec1::<f32>().ok(),
+                "{name}"
+            );
+            assert_eq!(
+                back[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_autograd() {
+        for act in [
+            Activation::Relu,
+            Activation::Tanh,
+            Activation::Softplus,
+            Activation::Sigmoid,
+        ] {
+            check(ModelConfig {
+                hidden: vec![7, 5],
+                latent: 3,
+                activation: act,
+                ..Default::default()
+            });
+        }
+        check(ModelConfig {
+            hidden: vec![6],
+            latent: 2,
+            ..Default::default()
+        });
+        check(ModelConfig {
+            hidden: vec![6],
+            latent: 2,
+            decoder: DecoderKind::Gaussian,
+            sigma: 0.5,
+            learn_sigma: true,
+            ..Default::default()
+        });
+        check(ModelConfig {
+            hidden: vec![6],
+            latent: 2,
+            decoder: DecoderKind::Gaussian,
+            sigma: 0.3,
+            ..Default::default()
+        });
+    }
+
+    #[test]
+    fn adam_step_matches_optim() {
+        // The same first steps through the fused path and through optim::Adam give the same weights.
+        let cfg = ModelConfig {
+            hidden: vec![6],
+            latent: 2,
+            ..Default::default()
+        };
+        let (dim, b) = (9, 4);
+        let mut rng = StdRng::seed_from_u64(5);
+        let dev = Device::Cpu;
+        let params = model::init_params(&cfg, dim, &mut rng, &dev).unwrap();
+        let x: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
+        let eps: Vec<f32> = (0..b * cfg.latent)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        let ac = AdamConfig {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let vm = model::varmap_from(params.clone()).unwrap();
+        let m = Vae::new(&cfg, dim, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let mut opt = crate::optim::Adam::new(&vm, ac).unwrap();
+        let mut f = Fused::new(&cfg, dim, &params, ac, b).unwrap();
+        let xt = Tensor::from_vec(x.clone(), (b, dim), &dev).unwrap();
+        let et = Tensor::from_vec(eps.clone(), (b, cfg.latent), &dev).unwrap();
+        for _ in 0..3 {
+            let (r, k) = m.neg_elbo_terms(&xt, &et).unwrap();
+            opt.step(
+                &(r.sum_all().unwrap() + k.sum_all().unwrap())
+                    .unwrap()
+                    .backward()
+                    .unwrap(),
+            )
+            .unwrap();
+            f.x_mut(b).copy_from_slice(&x);
+            f.eps_mut(b).copy_from_slice(&eps);
+            f.step(b).unwrap();
+        }
+        let got = f.params().unwrap();
+        for (name, t) in model::snapshot(&vm).unwrap() {
+            let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let g = got[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (u, w) in a.iter().zip(&g) {
+                assert!((u - w).abs() < 1e-5, "{name}: {u} vs {w}");
+            }
+        }
+        assert_eq!(f.adam_state().unwrap().len(), opt.state().len());
+    }
+}
