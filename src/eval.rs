@@ -5,14 +5,14 @@
 use crate::config::{Binarize, Config};
 use crate::data::{self, Split};
 use crate::model::{self, Vae};
-use crate::run;
-use anyhow::{Context, Result};
+use crate::run::{self, State};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
-use std::path::Path;
+use std::path::PathBuf;
 
 /// Salts that give evaluation and test binarization their own streams of the one seed.
 const EVAL_SALT: u64 = 0x6576_616c; // "eval"
@@ -45,13 +45,22 @@ pub fn normal(
     Tensor::from_vec(v, (rows, cols), dev)
 }
 
-/// The test split as a (n, D) tensor; binarized once, with a fixed seed, when the config binarizes.
-pub fn test_tensor(cfg: &Config, split: &Split, dev: &Device) -> Result<Tensor> {
+/// The test split's pixels (n * D); binarized once, with a fixed seed, when the config binarizes.
+pub fn test_pixels(cfg: &Config, split: &Split) -> Vec<f32> {
     let mut px = split.pixels_f32();
     if cfg.data.binarize != Binarize::None {
         data::binarize_in_place(&mut px, &mut StdRng::seed_from_u64(TEST_BINARIZE_SEED));
     }
-    Ok(Tensor::from_vec(px, (split.n, split.dim()), dev)?)
+    px
+}
+
+/// The test split as a (n, D) tensor, as `test_pixels`.
+pub fn test_tensor(cfg: &Config, split: &Split, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        test_pixels(cfg, split),
+        (split.n, split.dim()),
+        dev,
+    )?)
 }
 
 /// -ELBO terms of `x` (n, D) in batches of `batch`.
@@ -76,26 +85,62 @@ pub fn evaluate(model: &Vae, x: &Tensor, batch: usize, seed: u64) -> Result<Tota
     })
 }
 
-/// A trained run's model on `dev`, checked against the run's config.
-pub fn load_model(run_dir: &Path, cfg: &Config, input_dim: usize, dev: &Device) -> Result<Vae> {
-    let path = run_dir.join(run::MODEL_FILE);
-    let params = run::load_tensors(&path, dev)?;
-    model::check_params(&params, &cfg.model, input_dim, &path.display().to_string())?;
-    let vb = VarBuilder::from_tensors(params, DType::F32, dev);
-    Vae::new(&cfg.model, input_dim, vb)
-        .with_context(|| format!("{}: building the model", path.display()))
+/// A trained run, opened: its directory, config, progress and model.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub cfg: Config,
+    pub state: State,
+    pub model: Vae,
+    pub dev: Device,
+}
+
+impl Loaded {
+    /// Pixels per image.
+    pub fn dim(&self) -> usize {
+        self.state.rows * self.state.cols
+    }
+}
+
+/// Opens `--run DIR` (or the latest run) on `--device` (or the run's configured device): reads
+/// its config, checkpoint and state, and checks every tensor against the config.
+pub fn open(run_arg: Option<&str>, device: Option<&str>) -> Result<Loaded> {
+    let dir = run::find(run_arg)?;
+    let cfg = run::load_config(&dir)?;
+    let dev = crate::device::open(device.unwrap_or(&cfg.device)).context("--device")?;
+    let path = dir.join(run::MODEL_FILE);
+    let params = run::load_tensors(&path, &dev)?;
+    let state = run::load_state(&dir)?;
+    let dim = state.rows * state.cols;
+    model::check_params(&params, &cfg.model, dim, &path.display().to_string())?;
+    let vb = VarBuilder::from_tensors(params, DType::F32, &dev);
+    let model = Vae::new(&cfg.model, dim, vb)
+        .with_context(|| format!("{}: building the model", path.display()))?;
+    Ok(Loaded {
+        dir,
+        cfg,
+        state,
+        model,
+        dev,
+    })
 }
 
 /// `vae eval`: the whole test set of the run's data directory.
 pub fn run_eval(run_arg: Option<&str>, device: Option<&str>, json: bool) -> Result<()> {
-    let run_dir = run::find(run_arg)?;
-    let cfg = run::load_config(&run_dir)?;
-    let dev = crate::device::open(device.unwrap_or(&cfg.device)).context("--device")?;
-    let test = data::load_test(&cfg.data.dir, 0)?;
-    let model = load_model(&run_dir, &cfg, test.dim(), &dev)?;
-    let x = test_tensor(&cfg, &test, &dev)?;
-    let t = evaluate(&model, &x, cfg.train.eval_batch_size, cfg.seed)?;
-    let state = run::load_state(&run_dir).ok();
+    let l = open(run_arg, device)?;
+    let test = data::load_test(&l.cfg.data.dir, 0)?;
+    if test.dim() != l.dim() {
+        bail!(
+            "key `data.dir`: {} holds {}x{} images, the model was trained on {}x{}",
+            l.cfg.data.dir,
+            test.rows,
+            test.cols,
+            l.state.rows,
+            l.state.cols
+        );
+    }
+    let x = test_tensor(&l.cfg, &test, &l.dev)?;
+    let t = evaluate(&l.model, &x, l.cfg.train.eval_batch_size, l.cfg.seed)?;
+    let (run_dir, state) = (&l.dir, Some(&l.state));
     if json {
         let v = serde_json::json!({
             "run": run_dir.display().to_string(),

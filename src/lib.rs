@@ -9,5 +9,8 @@ pub mod fused;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod picture;
+pub mod pictures;
+pub mod plot;
 pub mod run;
 pub mod train;

@@ -3,6 +3,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use vae::picture::Output;
+use vae::pictures::{self, Common};
 use vae::{config, eval, train};
 
 #[derive(Parser)]
@@ -48,6 +50,125 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// New images from the prior: z ~ N(0, I) decoded, as a PNG grid (to stdout, or -o FILE).
+    Sample {
+        /// Number of images; the grid is as square as the count allows.
+        #[arg(short, default_value_t = 64)]
+        n: usize,
+        /// Seed of the draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Scale of z: below 1 favours typical images, above 1 the unusual.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Draw a sample of p(x|z) (Bernoulli or Gaussian pixels) instead of the pixel means.
+        #[arg(long)]
+        draw: bool,
+        #[command(flatten)]
+        pic: PicArgs,
+    },
+    /// The learned latent manifold (Kingma & Welling, Figure 4) as a PNG grid.
+    Manifold {
+        /// 2: a grid over two latent dimensions; 1: one row per latent dimension.
+        #[arg(long, default_value_t = 2)]
+        dim: usize,
+        /// Points per axis, at the prior's quantiles.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// The two latent dimensions of a --dim 2 grid, e.g. --axes 3,7 (default: the two with
+        /// the largest mean KL over the test set).
+        #[arg(long, value_name = "I,J")]
+        axes: Option<String>,
+        #[command(flatten)]
+        pic: PicArgs,
+    },
+    /// Test images above their reconstructions, as a PNG grid.
+    Reconstruct {
+        /// The first N test images.
+        #[arg(short, default_value_t = 16)]
+        n: usize,
+        /// These test images instead, e.g. --index 3,17,42.
+        #[arg(long, value_name = "I,J,...")]
+        index: Option<String>,
+        /// Images per row.
+        #[arg(long, default_value_t = 8)]
+        cols: usize,
+        #[command(flatten)]
+        pic: PicArgs,
+    },
+    /// Decoded images along the line between the latent means of two test images.
+    Interpolate {
+        /// First test image.
+        #[arg(long, default_value_t = 0)]
+        from: usize,
+        /// Second test image.
+        #[arg(long, default_value_t = 1)]
+        to: usize,
+        /// Points along the path, ends included.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Add a row for the spherical (slerp) path.
+        #[arg(long)]
+        slerp: bool,
+        #[command(flatten)]
+        pic: PicArgs,
+    },
+    /// The run's training curves (-ELBO, reconstruction, KL per epoch) from its metrics.csv.
+    Curves {
+        #[command(flatten)]
+        pic: PicArgs,
+    },
+    /// The test set's latent means, one dot per image coloured by digit (PCA beyond 2-D).
+    Scatter {
+        /// Use the first N test images only (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[command(flatten)]
+        pic: PicArgs,
+    },
+}
+
+/// Arguments every picture command takes.
+#[derive(clap::Args)]
+struct PicArgs {
+    /// Run directory (default: the one runs/latest names).
+    #[arg(long, value_name = "DIR")]
+    run: Option<String>,
+    /// Output PNG; `-` for standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Enlarge each image this many times.
+    #[arg(long, default_value_t = 1)]
+    scale: usize,
+    /// auto | cpu | cuda | cuda:N (default: the run's config).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+/// Opens the run and resolves the output: stdout for `sample`, else `<run>/<file>`.
+fn picture_run(p: &PicArgs, default_file: Option<&str>) -> Result<(eval::Loaded, Common)> {
+    let l = eval::open(p.run.as_deref(), p.device.as_deref())?;
+    let default = match default_file {
+        Some(f) => Output::File(l.dir.join(f)),
+        None => Output::Stdout,
+    };
+    let output = Output::from_arg(p.output.as_deref(), default);
+    Ok((
+        l,
+        Common {
+            output,
+            scale: p.scale,
+        },
+    ))
+}
+
+fn parse_pair(s: &str) -> Result<(usize, usize)> {
+    let v = pictures::parse_indices(s)
+        .map_err(|_| anyhow::anyhow!("--axes {s}: expected two dimensions, e.g. --axes 0,1"))?;
+    match v.as_slice() {
+        [a, b] => Ok((*a, *b)),
+        _ => anyhow::bail!("--axes {s}: expected two dimensions, e.g. --axes 0,1"),
+    }
 }
 
 fn main() {
@@ -75,6 +196,59 @@ fn dispatch(cli: Cli) -> Result<()> {
             train::train(&cfg, &train::Options { run, quiet })?;
         }
         Cmd::Eval { run, device, json } => eval::run_eval(run.as_deref(), device.as_deref(), json)?,
+        Cmd::Sample {
+            n,
+            seed,
+            temperature,
+            draw,
+            pic,
+        } => {
+            // Refuse a terminal before loading anything.
+            Output::from_arg(pic.output.as_deref(), Output::Stdout).check()?;
+            let (l, c) = picture_run(&pic, None)?;
+            pictures::sample(&l, n, seed, temperature, draw, &c)?;
+        }
+        Cmd::Manifold {
+            dim,
+            steps,
+            axes,
+            pic,
+        } => {
+            let axes = axes.as_deref().map(parse_pair).transpose()?;
+            let (l, c) = picture_run(&pic, Some("manifold.png"))?;
+            pictures::manifold(&l, dim, steps, axes, &c)?;
+        }
+        Cmd::Reconstruct {
+            n,
+            index,
+            cols,
+            pic,
+        } => {
+            let idx = match index {
+                Some(s) => pictures::parse_indices(&s)?,
+                None => (0..n).collect(),
+            };
+            let (l, c) = picture_run(&pic, Some("reconstruction.png"))?;
+            pictures::reconstruct(&l, &idx, cols, &c)?;
+        }
+        Cmd::Interpolate {
+            from,
+            to,
+            steps,
+            slerp,
+            pic,
+        } => {
+            let (l, c) = picture_run(&pic, Some("interpolation.png"))?;
+            pictures::interpolate(&l, from, to, steps, slerp, &c)?;
+        }
+        Cmd::Curves { pic } => {
+            let (l, c) = picture_run(&pic, Some(pictures::CURVES_FILE))?;
+            pictures::curves(&l.dir, &c)?;
+        }
+        Cmd::Scatter { limit, pic } => {
+            let (l, c) = picture_run(&pic, Some("scatter.png"))?;
+            pictures::scatter(&l, limit, &c)?;
+        }
     }
     Ok(())
 }

@@ -9,10 +9,11 @@
 use crate::config::{Binarize, Config, EngineKind};
 use crate::data;
 use crate::device;
-use crate::eval::{self, Totals};
+use crate::eval::{self, Loaded, Totals};
 use crate::fused::{self, Fused};
 use crate::model::{self, Vae};
 use crate::optim::{Adam, AdamConfig};
+use crate::pictures;
 use crate::run::{self, State};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -331,16 +332,21 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         ds.train.cols
     );
 
-    let evaluate = |engine: &Engine| -> Result<Totals> {
+    let evaluate = |engine: &Engine| -> Result<(Totals, Vae)> {
         let m = engine.eval_model(cfg, dim, &dev)?;
-        eval::evaluate(&m, &x_test, cfg.train.eval_batch_size, cfg.seed)
+        Ok((
+            eval::evaluate(&m, &x_test, cfg.train.eval_batch_size, cfg.seed)?,
+            m,
+        ))
     };
+    let picture_z = pictures::fixed_z(cfg.seed, 64, cfg.model.latent);
+    let test_px = eval::test_pixels(cfg, &ds.test);
     let mut csv = String::from(CSV_HEADER);
     let row0 = EpochRow {
         epoch: 0,
         step: 0,
         train: None,
-        test: evaluate(&engine)?,
+        test: evaluate(&engine)?.0,
         seconds: 0.0,
     };
     println!("{}", row0.line(cfg.train.epochs));
@@ -394,11 +400,12 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
             recon: host.0 / n as f64,
             kl: host.1 / n as f64,
         };
+        let (test, model) = evaluate(&engine)?;
         let row = EpochRow {
             epoch,
             step: engine.steps(),
             train: Some(train),
-            test: evaluate(&engine)?,
+            test,
             seconds,
         };
         println!("{}", row.line(cfg.train.epochs));
@@ -419,6 +426,14 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
             serde_json::to_string_pretty(&state)?.as_bytes(),
         )?;
         run::write_atomic(&run_dir.join(run::METRICS_FILE), csv.as_bytes())?;
+        let l = Loaded {
+            dir: run_dir.clone(),
+            cfg: cfg.clone(),
+            state,
+            model,
+            dev: dev.clone(),
+        };
+        pictures::epoch_pictures(&l, &run_dir, epoch, &picture_z, &test_px, &csv)?;
     }
     println!(
         "saved {}  (vae eval --run {} for the full test set)",

@@ -1,74 +1,9 @@
 //! End-to-end tests: run the built `vae` binary in a temporary directory on the shipped data.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn vae(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vae"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run vae")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let o = vae(dir, args);
-    assert!(
-        o.status.success(),
-        "vae {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-/// Asserts a clean failure: non-zero exit, one `error:` line naming `needle`, no panic.
-fn fails(dir: &Path, args: &[&str], needle: &str) {
-    let o = vae(dir, args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "vae {args:?} should fail");
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line, got:\n{err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-}
-
-fn metrics(run: &Path) -> Vec<Vec<String>> {
-    let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
-    text.lines()
-        .skip(1)
-        .map(|l| l.split(',').map(String::from).collect())
-        .collect()
-}
-
-fn data_dir() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data/mnist")
-        .display()
-        .to_string()
-}
-
-/// A tiny run: 300 images, 2 epochs.
-fn tiny(dir: &Path, extra: &[&str]) -> PathBuf {
-    let d = format!("data.dir={}", data_dir());
-    let mut args = vec![
-        "train",
-        "--config",
-        "tiny.toml",
-        "-q",
-        "--set",
-        &d,
-        "--set",
-        "data.limit=300",
-    ];
-    args.extend_from_slice(extra);
-    ok(dir, &args);
-    dir.join("runs/tiny")
-}
+use common::*;
+use std::path::Path;
 
 #[test]
 fn tiny_train_writes_checkpoint_and_learns() {

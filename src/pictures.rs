@@ -1,0 +1,541 @@
+//! The picture commands: prior samples, the learned manifold (Kingma & Welling 2013, Figure 4),
+//! reconstructions, latent interpolation, the latent scatter, and the pictures `vae train`
+//! writes each epoch (a sample grid and a reconstruction grid, as pytorch/examples does, and the
+//! training curves).
+
+use crate::eval::{self, Loaded};
+use crate::picture::{self, Output};
+use crate::{data, plot};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use std::path::Path;
+
+/// The training curves' file in a run directory.
+pub const CURVES_FILE: &str = "curves.png";
+
+/// The most cells one grid may hold (a 128 x 128 grid of 28 x 28 digits is 3.7k pixels square).
+pub const MAX_CELLS: usize = 16_384;
+/// Rows decoded at once, so memory stays bounded whatever the count.
+const CHUNK: usize = 1024;
+
+/// Options shared by the picture commands.
+pub struct Common {
+    pub output: Output,
+    pub scale: usize,
+}
+
+fn check_scale(scale: usize) -> Result<()> {
+    if !(1..=16).contains(&scale) {
+        bail!("--scale {scale}: use 1 to 16");
+    }
+    Ok(())
+}
+
+/// Decoder pixel means for `z` (n, Z) on the host, in chunks.
+pub fn decode_means(l: &Loaded, z: &[f32]) -> Result<Vec<f32>> {
+    let zd = l.model.cfg.latent;
+    let mut out = Vec::with_capacity(z.len() / zd * l.dim());
+    for c in z.chunks(CHUNK * zd) {
+        let t = Tensor::from_slice(c, (c.len() / zd, zd), &l.dev)?;
+        let m = l.model.mean(&l.model.decode(&t)?)?;
+        out.extend(m.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// Posterior means mu (n, Z) of `x` (n, D) on the host, in chunks.
+pub fn encode_means(l: &Loaded, x: &[f32]) -> Result<Vec<f32>> {
+    let d = l.dim();
+    let mut out = Vec::with_capacity(x.len() / d * l.model.cfg.latent);
+    for c in x.chunks(CHUNK * d) {
+        let t = Tensor::from_slice(c, (c.len() / d, d), &l.dev)?;
+        out.extend(l.model.encode(&t)?.0.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+fn write_grid(
+    out: &Output,
+    cells: &[f32],
+    n: usize,
+    l: &Loaded,
+    cols: usize,
+    scale: usize,
+) -> Result<(u32, u32)> {
+    let (px, w, h) = picture::grid(cells, n, l.state.rows, l.state.cols, cols, scale);
+    out.write(&picture::png_gray(&px, w, h)?)?;
+    Ok((w, h))
+}
+
+fn said(out: &Output, what: &str, wh: (u32, u32)) {
+    if let Output::File(p) = out {
+        eprintln!("wrote {} ({what}, {}x{} pixels)", p.display(), wh.0, wh.1);
+    }
+}
+
+/// `vae sample`: `n` draws z ~ N(0, temperature^2 I), decoded to pixel means (or, with `draw`,
+/// to a sample of p(x|z)), as a grid as square as `n` allows.
+pub fn sample(
+    l: &Loaded,
+    n: usize,
+    seed: u64,
+    temperature: f64,
+    draw: bool,
+    c: &Common,
+) -> Result<()> {
+    if n == 0 || n > MAX_CELLS {
+        bail!("-n {n}: give 1 to {MAX_CELLS} images");
+    }
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        bail!("--temperature {temperature}: give a finite number >= 0 (1 samples the prior)");
+    }
+    check_scale(c.scale)?;
+    c.output.check()?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let zd = l.model.cfg.latent;
+    let z: Vec<f32> = (0..n * zd)
+        .map(|_| {
+            let e: f32 = StandardNormal.sample(&mut rng);
+            e * temperature as f32
+        })
+        .collect::<Vec<f32>>();
+    let mut px = decode_means(l, &z)?;
+    if draw {
+        match l.model.decoder_logvar()? {
+            None => px
+                .iter_mut()
+                .for_each(|p| *p = if rng.random::<f32>() < *p { 1.0 } else { 0.0 }),
+            Some(lv) => {
+                let lv = lv.flatten_all()?.to_vec1::<f32>()?;
+                let d = l.dim();
+                for (k, p) in px.iter_mut().enumerate() {
+                    let s = (0.5 * lv[if lv.len() == 1 { 0 } else { k % d }]).exp();
+                    let e: f32 = StandardNormal.sample(&mut rng);
+                    *p = (*p + s * e).clamp(0.0, 1.0);
+                }
+            }
+        }
+    }
+    let wh = write_grid(&c.output, &px, n, l, picture::square_cols(n), c.scale)?;
+    said(&c.output, &format!("{n} samples"), wh);
+    Ok(())
+}
+
+/// The latent dimensions ordered by mean KL(q(z_j|x) || N(0,1)) over `x`, largest first:
+/// (dimension, nats).
+pub fn kl_per_dim(l: &Loaded, x: &[f32]) -> Result<Vec<(usize, f64)>> {
+    let d = l.dim();
+    let zd = l.model.cfg.latent;
+    let mut kl = vec![0f64; zd];
+    for c in x.chunks(CHUNK * d) {
+        let t = Tensor::from_slice(c, (c.len() / d, d), &l.dev)?;
+        let (mu, lv) = l.model.encode(&t)?;
+        // 1/2 (mu^2 + e^lv - lv - 1) per (image, dimension), summed over images: (Z,).
+        let k = (((mu.sqr()? + lv.exp()?)? - &lv)? - 1.0)?
+            .sum(0)?
+            .to_dtype(DType::F64)?;
+        for (a, b) in kl.iter_mut().zip(k.to_vec1::<f64>()?) {
+            *a += 0.5 * b;
+        }
+    }
+    let n = (x.len() / d) as f64;
+    let mut v: Vec<(usize, f64)> = kl.into_iter().map(|k| k / n).enumerate().collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(v)
+}
+
+/// `vae manifold`: with `dim` 2, an N x N grid of z over the prior's quantiles in two latent
+/// dimensions (the others at 0), decoded; with `dim` 1, one row per latent dimension.
+pub fn manifold(
+    l: &Loaded,
+    dim: usize,
+    steps: usize,
+    axes: Option<(usize, usize)>,
+    c: &Common,
+) -> Result<()> {
+    let zd = l.model.cfg.latent;
+    if dim != 1 && dim != 2 {
+        bail!("--dim {dim}: use 2 (a grid over two latent dimensions) or 1 (each dimension traversed)");
+    }
+    if !(2..=100).contains(&steps) {
+        bail!("--steps {steps}: use 2 to 100");
+    }
+    check_scale(c.scale)?;
+    let q = picture::normal_quantiles(steps);
+    let (z, n, cols) = if dim == 1 {
+        if axes.is_some() {
+            bail!("--axes applies to --dim 2; --dim 1 draws every latent dimension");
+        }
+        c.output.check()?;
+        eprintln!(
+            "manifold: one row per latent dimension (0 to {}), others held at 0",
+            zd - 1
+        );
+        let mut z = vec![0f32; zd * steps * zd];
+        for j in 0..zd {
+            for (s, &v) in q.iter().enumerate() {
+                z[(j * steps + s) * zd + j] = v;
+            }
+        }
+        (z, zd * steps, steps)
+    } else {
+        if zd < 2 {
+            bail!("the run's latent space is 1-D; use --dim 1");
+        }
+        let (a, b) = match axes {
+            Some((a, b)) => {
+                if a >= zd || b >= zd || a == b {
+                    bail!("--axes {a},{b}: give two different dimensions below {zd}");
+                }
+                c.output.check()?;
+                eprintln!(
+                    "manifold: latent dimensions {a} (across) and {b} (down), others held at 0"
+                );
+                (a, b)
+            }
+            None if zd == 2 => {
+                c.output.check()?;
+                eprintln!("manifold: the whole 2-D latent space");
+                (0, 1)
+            }
+            None => {
+                c.output.check()?;
+                let test = data::load_test(&l.cfg.data.dir, 0)?;
+                let x = test.pixels_f32();
+                let kl = kl_per_dim(l, &x)?;
+                let ((a, ka), (b, kb)) = (kl[0], kl[1]);
+                eprintln!(
+                    "manifold: latent dimensions {a} (across) and {b} (down), the two most informative \
+                     (mean KL {ka:.2} and {kb:.2} nats over the test set); the other {} held at 0",
+                    zd - 2
+                );
+                (a, b)
+            }
+        };
+        let mut z = vec![0f32; steps * steps * zd];
+        for r in 0..steps {
+            for col in 0..steps {
+                let k = (r * steps + col) * zd;
+                z[k + a] = q[col];
+                // Row 0 at the top holds the largest value, so "up" is up.
+                z[k + b] = q[steps - 1 - r];
+            }
+        }
+        (z, steps * steps, steps)
+    };
+    let px = decode_means(l, &z)?;
+    let wh = write_grid(&c.output, &px, n, l, cols, c.scale)?;
+    said(&c.output, &format!("manifold, {dim}-D, {steps} steps"), wh);
+    Ok(())
+}
+
+/// Parses "3,17,42".
+pub fn parse_indices(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<usize>()
+                .with_context(|| format!("--index {s}: {t:?} is not an image number"))
+        })
+        .collect()
+}
+
+fn check_indices(idx: &[usize], n: usize) -> Result<()> {
+    if let Some(&i) = idx.iter().find(|&&i| i >= n) {
+        bail!("image {i}: the test set has {n} images (0 to {})", n - 1);
+    }
+    Ok(())
+}
+
+/// `vae reconstruct`: test images above their reconstructions (decoded posterior means), up to
+/// `cols` to a row.
+pub fn reconstruct(l: &Loaded, idx: &[usize], cols: usize, c: &Common) -> Result<()> {
+    if idx.is_empty() || idx.len() > MAX_CELLS / 2 {
+        bail!("give 1 to {} images", MAX_CELLS / 2);
+    }
+    check_scale(c.scale)?;
+    let test = data::load_test(&l.cfg.data.dir, 0)?;
+    check_indices(idx, test.n)?;
+    c.output.check()?;
+    let px = eval::test_pixels(&l.cfg, &test);
+    let png = reconstruction_png(l, &px, idx, cols, c.scale)?;
+    c.output.write(&png)?;
+    if let Output::File(p) = &c.output {
+        eprintln!(
+            "wrote {} ({} test images over their reconstructions)",
+            p.display(),
+            idx.len()
+        );
+    }
+    Ok(())
+}
+
+/// Rows of originals, each above the row of their reconstructions; PNG bytes.
+pub fn reconstruction_png(
+    l: &Loaded,
+    px: &[f32],
+    idx: &[usize],
+    cols: usize,
+    scale: usize,
+) -> Result<Vec<u8>> {
+    let d = l.dim();
+    let mut x = Vec::with_capacity(idx.len() * d);
+    for &i in idx {
+        x.extend_from_slice(&px[i * d..(i + 1) * d]);
+    }
+    let mu = encode_means(l, &x)?;
+    let rec = decode_means(l, &mu)?;
+    let cols = cols.clamp(1, idx.len());
+    let rows = idx.len().div_ceil(cols);
+    // NaN cells are left as separator colour.
+    let mut cells = vec![f32::NAN; 2 * rows * cols * d];
+    for (k, _) in idx.iter().enumerate() {
+        let (r, col) = (k / cols, k % cols);
+        let top = (2 * r * cols + col) * d;
+        let bottom = ((2 * r + 1) * cols + col) * d;
+        cells[top..top + d].copy_from_slice(&x[k * d..(k + 1) * d]);
+        cells[bottom..bottom + d].copy_from_slice(&rec[k * d..(k + 1) * d]);
+    }
+    let (g, w, h) = picture::grid(
+        &cells,
+        2 * rows * cols,
+        l.state.rows,
+        l.state.cols,
+        cols,
+        scale,
+    );
+    picture::png_gray(&g, w, h)
+}
+
+/// `vae interpolate`: the decoded straight line between the posterior means of two test images
+/// (and, with `slerp`, the spherical path below it), the two images at the ends of each row.
+pub fn interpolate(
+    l: &Loaded,
+    from: usize,
+    to: usize,
+    steps: usize,
+    slerp: bool,
+    c: &Common,
+) -> Result<()> {
+    if !(2..=100).contains(&steps) {
+        bail!("--steps {steps}: use 2 to 100");
+    }
+    check_scale(c.scale)?;
+    let test = data::load_test(&l.cfg.data.dir, 0)?;
+    check_indices(&[from, to], test.n)?;
+    c.output.check()?;
+    let px = eval::test_pixels(&l.cfg, &test);
+    let d = l.dim();
+    let zd = l.model.cfg.latent;
+    let mut x = px[from * d..(from + 1) * d].to_vec();
+    x.extend_from_slice(&px[to * d..(to + 1) * d]);
+    let mu = encode_means(l, &x)?;
+    let (a, b) = (&mu[..zd], &mu[zd..]);
+    let ts: Vec<f32> = (0..steps).map(|i| i as f32 / (steps - 1) as f32).collect();
+    let mut z = Vec::new();
+    for &t in &ts {
+        z.extend(a.iter().zip(b).map(|(u, v)| (1.0 - t) * u + t * v));
+    }
+    let mut paths = 1;
+    if slerp {
+        paths = 2;
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let cos = a.iter().zip(b).map(|(u, v)| u * v).sum::<f32>() / (norm(a) * norm(b)).max(1e-12);
+        let omega = cos.clamp(-1.0, 1.0).acos();
+        for &t in &ts {
+            let (wa, wb) = if omega.sin().abs() < 1e-6 {
+                (1.0 - t, t)
+            } else {
+                (
+                    ((1.0 - t) * omega).sin() / omega.sin(),
+                    (t * omega).sin() / omega.sin(),
+                )
+            };
+            z.extend(a.iter().zip(b).map(|(u, v)| wa * u + wb * v));
+        }
+    }
+    let dec = decode_means(l, &z)?;
+    let cols = steps + 2;
+    let mut cells = Vec::with_capacity(paths * cols * d);
+    for p in 0..paths {
+        cells.extend_from_slice(&x[..d]);
+        cells.extend_from_slice(&dec[p * steps * d..(p + 1) * steps * d]);
+        cells.extend_from_slice(&x[d..]);
+    }
+    let wh = write_grid(&c.output, &cells, paths * cols, l, cols, c.scale)?;
+    said(
+        &c.output,
+        &format!(
+            "test images {from} and {to} at the ends, {}",
+            if slerp {
+                "linear above spherical"
+            } else {
+                "linear path"
+            }
+        ),
+        wh,
+    );
+    Ok(())
+}
+
+/// The top-2 principal axes of `v` (n, k): (axes as two k-vectors, fraction of variance each).
+fn pca2(v: &[f32], k: usize) -> ([Vec<f64>; 2], [f64; 2]) {
+    let n = v.len() / k;
+    let mut mean = vec![0f64; k];
+    for r in v.chunks_exact(k) {
+        for (m, x) in mean.iter_mut().zip(r) {
+            *m += *x as f64 / n as f64;
+        }
+    }
+    let mut cov = vec![0f64; k * k];
+    for r in v.chunks_exact(k) {
+        for i in 0..k {
+            let a = r[i] as f64 - mean[i];
+            for j in 0..k {
+                cov[i * k + j] += a * (r[j] as f64 - mean[j]) / n as f64;
+            }
+        }
+    }
+    let total: f64 = (0..k).map(|i| cov[i * k + i]).sum::<f64>().max(1e-300);
+    // Power iteration with deflation: enough for the two leading eigenvectors of a small matrix.
+    let mut axes = [vec![0f64; k], vec![0f64; k]];
+    let mut frac = [0f64; 2];
+    let mut c = cov.clone();
+    for (t, axis) in axes.iter_mut().enumerate() {
+        let mut x: Vec<f64> = (0..k).map(|i| 1.0 + (i as f64 + t as f64) * 0.01).collect();
+        let mut lambda = 0.0;
+        for _ in 0..500 {
+            let y: Vec<f64> = (0..k)
+                .map(|i| (0..k).map(|j| c[i * k + j] * x[j]).sum())
+                .collect();
+            let norm = y.iter().map(|v| v * v).sum::<f64>().sqrt();
+            if norm < 1e-300 {
+                break;
+            }
+            lambda = norm;
+            x = y.into_iter().map(|v| v / norm).collect();
+        }
+        for i in 0..k {
+            for j in 0..k {
+                c[i * k + j] -= lambda * x[i] * x[j];
+            }
+        }
+        frac[t] = lambda / total;
+        *axis = x;
+    }
+    (axes, frac)
+}
+
+/// `vae scatter`: the test set's posterior means, one dot per image coloured by digit; 2-D
+/// latents as they are, more dimensions projected onto their first two principal components.
+pub fn scatter(l: &Loaded, limit: usize, c: &Common) -> Result<()> {
+    let zd = l.model.cfg.latent;
+    if zd < 2 {
+        bail!("the run's latent space is 1-D; the scatter needs at least 2 dimensions");
+    }
+    let test = data::load_test(&l.cfg.data.dir, limit)?;
+    c.output.check()?;
+    let px = eval::test_pixels(&l.cfg, &test);
+    let mu = encode_means(l, &px)?;
+    let (xy, title, axes): (Vec<(f32, f32)>, String, (String, String)) = if zd == 2 {
+        (
+            mu.chunks_exact(2).map(|p| (p[0], p[1])).collect(),
+            format!(
+                "posterior means of {} test images (2-D latent space)",
+                test.n
+            ),
+            ("z[0]".into(), "z[1]".into()),
+        )
+    } else {
+        let (ax, frac) = pca2(&mu, zd);
+        let proj =
+            |r: &[f32], a: &[f64]| r.iter().zip(a).map(|(x, w)| *x as f64 * w).sum::<f64>() as f32;
+        (
+            mu.chunks_exact(zd)
+                .map(|r| (proj(r, &ax[0]), proj(r, &ax[1])))
+                .collect(),
+            format!(
+                "posterior means of {} test images, {zd}-D projected by PCA ({:.0}% of variance)",
+                test.n,
+                100.0 * (frac[0] + frac[1])
+            ),
+            (
+                format!("PC 1 ({:.0}%)", 100.0 * frac[0]),
+                format!("PC 2 ({:.0}%)", 100.0 * frac[1]),
+            ),
+        )
+    };
+    let png = plot::scatter(&xy, &test.labels, &title, (&axes.0, &axes.1))?;
+    c.output.write(&png)?;
+    if let Output::File(p) = &c.output {
+        eprintln!("wrote {} ({title})", p.display());
+    }
+    Ok(())
+}
+
+/// The pictures `vae train` leaves each epoch: `pictures/sample-EEE.png` (64 samples from one
+/// fixed set of z, so epochs compare), `pictures/reconstruction-EEE.png` (the first 8 test images
+/// over their reconstructions), and `curves.png`.
+pub fn epoch_pictures(
+    l: &Loaded,
+    run_dir: &Path,
+    epoch: usize,
+    z: &[f32],
+    test_px: &[f32],
+    metrics_csv: &str,
+) -> Result<()> {
+    let dir = run_dir.join("pictures");
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let n = z.len() / l.model.cfg.latent;
+    let px = decode_means(l, z)?;
+    let (g, w, h) = picture::grid(
+        &px,
+        n,
+        l.state.rows,
+        l.state.cols,
+        picture::square_cols(n),
+        1,
+    );
+    crate::run::write_atomic(
+        &dir.join(format!("sample-{epoch:03}.png")),
+        &picture::png_gray(&g, w, h)?,
+    )?;
+    let k = (test_px.len() / l.dim()).min(8);
+    let idx: Vec<usize> = (0..k).collect();
+    let png = reconstruction_png(l, test_px, &idx, 8, 1)?;
+    crate::run::write_atomic(&dir.join(format!("reconstruction-{epoch:03}.png")), &png)?;
+    let title = format!("{}: -ELBO per example", run_dir.display());
+    let png = plot::curves(&plot::read_metrics(metrics_csv), &title)?;
+    crate::run::write_atomic(&run_dir.join(CURVES_FILE), &png)
+}
+
+/// `vae curves`: the training curves from the run's metrics.csv.
+pub fn curves(run_dir: &Path, c: &Common) -> Result<()> {
+    let path = run_dir.join(crate::run::METRICS_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let points = plot::read_metrics(&text);
+    if points.is_empty() {
+        bail!("{}: no epochs recorded yet", path.display());
+    }
+    c.output.check()?;
+    c.output.write(&plot::curves(
+        &points,
+        &format!("{}: -ELBO per example", run_dir.display()),
+    )?)?;
+    if let Output::File(p) = &c.output {
+        eprintln!("wrote {} ({} epochs)", p.display(), points.len() - 1);
+    }
+    Ok(())
+}
+
+/// The fixed z of the per-epoch sample grids, from the run's seed on a stream of its own.
+pub fn fixed_z(seed: u64, n: usize, latent: usize) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7361_6d70); // "samp"
+    (0..n * latent)
+        .map(|_| StandardNormal.sample(&mut rng))
+        .collect()
+}

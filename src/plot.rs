@@ -1,0 +1,267 @@
+//! Plots with axes and text, drawn by plotters on its bitmap backend and encoded as PNG here:
+//! the training curves of a run (-ELBO, reconstruction, KL per epoch, train and test), and the
+//! latent scatter of the test set's posterior means coloured by label.
+//!
+//! Text uses DejaVu Sans compiled into the binary (assets/, Bitstream Vera licence), so plots
+//! need no system fonts.
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
+use std::sync::Once;
+
+static FONT: Once = Once::new();
+const FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+fn font() {
+    FONT.call_once(|| {
+        // The bytes are a valid TTF compiled in; failure would leave text undrawn, not crash.
+        let _ = register_font("sans-serif", FontStyle::Normal, FONT_BYTES);
+    });
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing the plot: {e:?}")
+}
+
+/// One epoch's figures, as metrics.csv holds them; train values are absent for epoch 0.
+#[derive(Debug, Clone, Copy)]
+pub struct Point {
+    pub epoch: f64,
+    pub train: Option<[f64; 3]>,
+    pub test: [f64; 3],
+}
+
+/// Three panels, -ELBO, reconstruction and KL against epoch, train and test; PNG bytes.
+pub fn curves(points: &[Point], title: &str) -> Result<Vec<u8>> {
+    font();
+    let (w, h) = (1500u32, 460u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let root = root.titled(title, ("sans-serif", 22)).map_err(err)?;
+        let panels = root.split_evenly((1, 3));
+        let names = [
+            "-ELBO (nats)",
+            "reconstruction -log p(x|z) (nats)",
+            "KL(q(z|x) || p(z)) (nats)",
+        ];
+        for (k, area) in panels.iter().enumerate() {
+            // Epoch 0 (untrained) is far above the rest; the axes start at epoch 1 when there is one.
+            let shown: Vec<&Point> = if points.len() > 1 {
+                points.iter().filter(|p| p.epoch >= 1.0).collect()
+            } else {
+                points.iter().collect()
+            };
+            let vals: Vec<f64> = shown
+                .iter()
+                .flat_map(|p| std::iter::once(p.test[k]).chain(p.train.map(|t| t[k])))
+                .filter(|v| v.is_finite())
+                .collect();
+            let (lo, hi) = vals
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 1.0) };
+            let pad = ((hi - lo) * 0.08).max(0.5);
+            let x0 = shown.first().map(|p| p.epoch).unwrap_or(0.0);
+            let x1 = shown.last().map(|p| p.epoch).unwrap_or(1.0).max(x0 + 1.0);
+            let mut chart = ChartBuilder::on(area)
+                .margin(12)
+                .caption(names[k], ("sans-serif", 17))
+                .x_label_area_size(38)
+                .y_label_area_size(56)
+                .build_cartesian_2d(x0..x1, (lo - pad)..(hi + pad))
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc("epoch")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.1}"))
+                .label_style(("sans-serif", 13))
+                .axis_desc_style(("sans-serif", 14))
+                .light_line_style(RGBColor(235, 235, 235))
+                .draw()
+                .map_err(err)?;
+            let train: Vec<(f64, f64)> = shown
+                .iter()
+                .filter_map(|p| p.train.map(|t| (p.epoch, t[k])))
+                .collect();
+            let test: Vec<(f64, f64)> = shown.iter().map(|p| (p.epoch, p.test[k])).collect();
+            let blue = RGBColor(31, 119, 180);
+            let orange = RGBColor(255, 127, 14);
+            chart
+                .draw_series(LineSeries::new(train.clone(), blue.stroke_width(2)))
+                .map_err(err)?
+                .label("train")
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], blue.stroke_width(2))
+                });
+            chart
+                .draw_series(train.iter().map(|&p| Circle::new(p, 3, blue.filled())))
+                .map_err(err)?;
+            chart
+                .draw_series(LineSeries::new(test.clone(), orange.stroke_width(2)))
+                .map_err(err)?
+                .label("test")
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], orange.stroke_width(2))
+                });
+            chart
+                .draw_series(test.iter().map(|&p| Circle::new(p, 3, orange.filled())))
+                .map_err(err)?;
+            // -ELBO and reconstruction fall, KL usually rises: keep the legend off the lines.
+            let corner = if k == 2 {
+                SeriesLabelPosition::LowerRight
+            } else {
+                SeriesLabelPosition::UpperRight
+            };
+            chart
+                .configure_series_labels()
+                .position(corner)
+                .label_font(("sans-serif", 14))
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    crate::picture::png_rgb(&buf, w, h)
+}
+
+/// Matplotlib's "tab10" colours, one per digit.
+const TAB10: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
+
+/// One dot per image at `xy`, coloured by `labels` (0-9), with a legend; PNG bytes.
+pub fn scatter(
+    xy: &[(f32, f32)],
+    labels: &[u8],
+    title: &str,
+    axes: (&str, &str),
+) -> Result<Vec<u8>> {
+    font();
+    let (w, h) = (900u32, 820u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        // The axes cover the central 99.8% of the points so a few outliers do not shrink the rest.
+        let range = |f: &dyn Fn(&(f32, f32)) -> f32| {
+            let mut v: Vec<f32> = xy.iter().map(f).filter(|v| v.is_finite()).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            if v.is_empty() {
+                return (-1.0, 1.0);
+            }
+            let (a, b) = (v[v.len() / 1000], v[v.len() - 1 - v.len() / 1000]);
+            let pad = ((b - a) * 0.05).max(1e-3);
+            ((a - pad) as f64, (b + pad) as f64)
+        };
+        let (x0, x1) = range(&|p| p.0);
+        let (y0, y1) = range(&|p| p.1);
+        let mut chart = ChartBuilder::on(&root)
+            .margin(16)
+            .caption(title, ("sans-serif", 19))
+            .x_label_area_size(42)
+            .y_label_area_size(52)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(axes.0)
+            .y_desc(axes.1)
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 15))
+            .light_line_style(RGBColor(238, 238, 238))
+            .draw()
+            .map_err(err)?;
+        for d in 0..10u8 {
+            let (r, g, b) = TAB10[d as usize];
+            let c = RGBColor(r, g, b);
+            let pts: Vec<(f64, f64)> = xy
+                .iter()
+                .zip(labels)
+                .filter(|(p, l)| {
+                    **l == d
+                        && (p.0 as f64) >= x0
+                        && (p.0 as f64) <= x1
+                        && (p.1 as f64) >= y0
+                        && (p.1 as f64) <= y1
+                })
+                .map(|(p, _)| (p.0 as f64, p.1 as f64))
+                .collect();
+            chart
+                .draw_series(
+                    pts.into_iter()
+                        .map(|p| Circle::new(p, 2, c.mix(0.6).filled())),
+                )
+                .map_err(err)?
+                .label(d.to_string())
+                .legend(move |(x, y)| Circle::new((x + 6, y), 5, c.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    crate::picture::png_rgb(&buf, w, h)
+}
+
+/// Reads a run's metrics.csv into plot points.
+pub fn read_metrics(text: &str) -> Vec<Point> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            let num = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok());
+            let train = match (num(2), num(3), num(4)) {
+                (Some(a), Some(b), Some(c)) => Some([a, b, c]),
+                _ => None,
+            };
+            Some(Point {
+                epoch: num(0)?,
+                train,
+                test: [num(5)?, num(6)?, num(7)?],
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curves_and_scatter_render() {
+        let csv = "epoch,step,train_nelbo,train_recon,train_kl,test_nelbo,test_recon,test_kl,s,ips\n\
+                   0,0,,,,540,539,1,0,\n1,10,160,150,10,130,110,20,1,100\n2,20,120,100,20,115,92,23,1,100\n";
+        let pts = read_metrics(csv);
+        assert_eq!(pts.len(), 3);
+        assert!(pts[0].train.is_none() && pts[1].train == Some([160.0, 150.0, 10.0]));
+        let png = curves(&pts, "test").unwrap();
+        let img = image::load_from_memory(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (1500, 460));
+        let xy: Vec<(f32, f32)> = (0..100)
+            .map(|i| (i as f32 * 0.1, (i % 10) as f32))
+            .collect();
+        let labels: Vec<u8> = (0..100).map(|i| (i % 10) as u8).collect();
+        let png = scatter(&xy, &labels, "t", ("x", "y")).unwrap();
+        assert_eq!(image::load_from_memory(&png).unwrap().width(), 900);
+    }
+}

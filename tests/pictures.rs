@@ -1,0 +1,243 @@
+//! The picture commands end to end on a tiny trained run.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+/// A tiny run (latent 8) in `dir`; a 28x28 cell grid of c columns is 29c + 1 pixels wide.
+fn trained(dir: &Path) {
+    tiny(dir, &[]);
+}
+
+fn grid_px(cells: u32) -> u32 {
+    29 * cells + 1
+}
+
+#[test]
+fn sample_writes_a_square_grid_and_is_reproducible() {
+    let t = tempfile::tempdir().unwrap();
+    trained(t.path());
+    let a = ok_bytes(t.path(), &["sample", "-n", "64"]);
+    assert_eq!(png_size(&a), (grid_px(8), grid_px(8)));
+    let b = ok_bytes(t.path(), &["sample", "-n", "64"]);
+    assert!(a == b, "the same seed gave different bytes");
+    let c = ok_bytes(t.path(), &["sample", "-n", "64", "--seed", "2"]);
+    assert!(a != c, "--seed had no effect");
+    ok(
+        t.path(),
+        &[
+            "sample",
+            "-n",
+            "10",
+            "-o",
+            "ten.png",
+            "--temperature",
+            "0.5",
+            "--draw",
+            "--scale",
+            "2",
+        ],
+    );
+    // 10 cells: 4 columns, 3 rows, at scale 2: 2 * (29 * 4 + 1) by 2 * (29 * 3 + 1).
+    assert_eq!(
+        png_size(&std::fs::read(t.path().join("ten.png")).unwrap()),
+        (234, 176)
+    );
+    // Training left its pictures too.
+    let run = t.path().join("runs/tiny");
+    for f in [
+        "pictures/sample-002.png",
+        "pictures/reconstruction-002.png",
+        "curves.png",
+    ] {
+        assert!(png_size(&std::fs::read(run.join(f)).unwrap()).0 > 0, "{f}");
+    }
+    assert_eq!(
+        png_size(&std::fs::read(run.join("pictures/sample-001.png")).unwrap()),
+        (grid_px(8), grid_px(8))
+    );
+}
+
+#[test]
+fn manifold_reconstruct_interpolate_scatter() {
+    let t = tempfile::tempdir().unwrap();
+    trained(t.path());
+    let run = t.path().join("runs/tiny");
+    let o = vae(t.path(), &["manifold", "--dim", "2", "--steps", "5"]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("most informative"),
+        "manifold should say which axes it chose: {err}"
+    );
+    assert_eq!(
+        png_size(&std::fs::read(run.join("manifold.png")).unwrap()),
+        (grid_px(5), grid_px(5))
+    );
+    ok(
+        t.path(),
+        &["manifold", "--axes", "0,3", "--steps", "4", "-o", "ax.png"],
+    );
+    assert_eq!(
+        png_size(&std::fs::read(t.path().join("ax.png")).unwrap()),
+        (grid_px(4), grid_px(4))
+    );
+    // --dim 1: one row per latent dimension (8), --steps columns.
+    ok(
+        t.path(),
+        &["manifold", "--dim", "1", "--steps", "6", "-o", "m1.png"],
+    );
+    assert_eq!(
+        png_size(&std::fs::read(t.path().join("m1.png")).unwrap()),
+        (grid_px(6), grid_px(8))
+    );
+    // 5 images, 8 to a row: one row of originals over one of reconstructions.
+    ok(t.path(), &["reconstruct", "-n", "5", "-o", "r.png"]);
+    assert_eq!(
+        png_size(&std::fs::read(t.path().join("r.png")).unwrap()),
+        (grid_px(5), grid_px(2))
+    );
+    ok(
+        t.path(),
+        &[
+            "reconstruct",
+            "--index",
+            "3,17,42,9999",
+            "--cols",
+            "2",
+            "-o",
+            "r2.png",
+        ],
+    );
+    assert_eq!(
+        png_size(&std::fs::read(t.path().join("r2.png")).unwrap()),
+        (grid_px(2), grid_px(4))
+    );
+    // 6 steps plus the two images at the ends; two rows with --slerp.
+    ok(
+        t.path(),
+        &[
+            "interpolate",
+            "--from",
+            "0",
+            "--to",
+            "1",
+            "--steps",
+            "6",
+            "--slerp",
+            "-o",
+            "i.png",
+        ],
+    );
+    assert_eq!(
+        png_size(&std::fs::read(t.path().join("i.png")).unwrap()),
+        (grid_px(8), grid_px(2))
+    );
+    ok(t.path(), &["scatter", "--limit", "500"]);
+    assert_eq!(
+        png_size(&std::fs::read(run.join("scatter.png")).unwrap()),
+        (900, 820)
+    );
+}
+
+#[test]
+fn picture_bad_input() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    fails(p, &["sample", "-n", "4", "-o", "x.png"], "runs/latest");
+    trained(p);
+    fails(p, &["sample", "-n", "0", "-o", "x.png"], "-n 0");
+    fails(
+        p,
+        &["sample", "-n", "100000000", "-o", "x.png"],
+        "-n 100000000",
+    );
+    fails(
+        p,
+        &["sample", "--temperature", "NaN", "-o", "x.png"],
+        "--temperature",
+    );
+    fails(
+        p,
+        &["sample", "-o", "/nonexistent/dir/x.png"],
+        "/nonexistent/dir/x.png",
+    );
+    fails(p, &["sample", "-o", "runs"], "directory");
+    fails(p, &["manifold", "--dim", "3", "-o", "x.png"], "--dim 3");
+    fails(
+        p,
+        &["manifold", "--axes", "0,8", "-o", "x.png"],
+        "--axes 0,8",
+    );
+    fails(
+        p,
+        &["manifold", "--axes", "2,2", "-o", "x.png"],
+        "--axes 2,2",
+    );
+    fails(p, &["manifold", "--axes", "x", "-o", "x.png"], "--axes x");
+    fails(p, &["manifold", "--steps", "1", "-o", "x.png"], "--steps 1");
+    fails(
+        p,
+        &["reconstruct", "--index", "10000", "-o", "x.png"],
+        "image 10000",
+    );
+    fails(
+        p,
+        &["reconstruct", "--index", "1,a", "-o", "x.png"],
+        "--index 1,a",
+    );
+    fails(
+        p,
+        &["interpolate", "--to", "12345", "-o", "x.png"],
+        "image 12345",
+    );
+    fails(p, &["sample", "--scale", "0", "-o", "x.png"], "--scale 0");
+    std::fs::create_dir(p.join("norun")).unwrap();
+    std::fs::write(p.join("norun/config.toml"), "").unwrap();
+    fails(
+        p,
+        &["sample", "--run", "norun", "-o", "x.png"],
+        "model.safetensors",
+    );
+    assert!(
+        !p.join("x.png").exists(),
+        "a failed command left an output file"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(p)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+/// `vae sample` with a terminal as standard output refuses, and says how to redirect.
+#[test]
+fn sample_refuses_a_terminal() {
+    use std::os::fd::FromRawFd;
+    let t = tempfile::tempdir().unwrap();
+    trained(t.path());
+    // A pseudo-terminal: the master end stays here, the slave becomes the child's stdout.
+    let (master, slave) = unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(m >= 0, "posix_openpt");
+        assert_eq!(libc::grantpt(m), 0);
+        assert_eq!(libc::unlockpt(m), 0);
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(libc::ptsname_r(m, name.as_mut_ptr(), name.len()), 0);
+        let s = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+        assert!(s >= 0, "open pts");
+        (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s))
+    };
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(["sample", "-n", "4"])
+        .current_dir(t.path())
+        .stdout(slave)
+        .output()
+        .unwrap();
+    drop(master);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "wrote a PNG to a terminal");
+    assert!(err.contains("terminal") && err.contains("-o"), "{err}");
+}
