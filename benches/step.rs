@@ -90,7 +90,8 @@ fn main() -> anyhow::Result<()> {
     let mut times = Vec::new();
     for i in 0..auto_steps + 5 {
         let t = Instant::now();
-        let s = tr.step(&x_all.narrow(0, (i % 400) * bs, bs)?, &et)?;
+        let o = vae::train::objective(&cfg, 0, 1);
+        let s = tr.step(&x_all.narrow(0, (i % 400) * bs, bs)?, &et, &o)?;
         s.to_vec1::<f32>()?;
         if i >= 5 {
             times.push(t.elapsed().as_secs_f64());

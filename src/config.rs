@@ -62,12 +62,27 @@ pub struct ModelConfig {
     pub decoder: DecoderKind,
     pub sigma: f64,
     pub learn_sigma: bool,
+    pub flows: usize,
+    pub flow_params: FlowParams,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
+    /// The variational autoencoder.
     Vae,
+    /// The same networks with z = mu: no sampling and no KL (the baseline).
+    Ae,
+}
+
+/// Where a planar flow's parameters come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowParams {
+    /// An encoder head gives each image its own flow (Rezende & Mohamed 2015, section 4).
+    Amortized,
+    /// One flow shared by all images.
+    Global,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +114,11 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     pub eval_batch_size: usize,
     pub engine: EngineKind,
+    pub beta: f64,
+    pub kl_warmup_epochs: usize,
+    pub free_bits: f64,
+    pub mc_samples: usize,
+    pub iw_samples: usize,
 }
 
 /// How a training step is computed.
@@ -148,6 +168,8 @@ impl Default for ModelConfig {
             decoder: DecoderKind::Bernoulli,
             sigma: 1.0,
             learn_sigma: false,
+            flows: 0,
+            flow_params: FlowParams::Amortized,
         }
     }
 }
@@ -164,6 +186,11 @@ impl Default for TrainConfig {
             adam_eps: 1e-8,
             eval_batch_size: 1000,
             engine: EngineKind::Auto,
+            beta: 1.0,
+            kl_warmup_epochs: 0,
+            free_bits: 0.0,
+            mc_samples: 1,
+            iw_samples: 1,
         }
     }
 }
@@ -342,6 +369,41 @@ impl Config {
             }
         }
         crate::device::parse(&self.device).context("key `device`")?;
+        let t = &self.train;
+        if !(t.beta.is_finite() && t.beta >= 0.0) {
+            bail!("key `train.beta` must be >= 0, got {}", t.beta);
+        }
+        if !(t.free_bits.is_finite() && t.free_bits >= 0.0) {
+            bail!(
+                "key `train.free_bits` must be >= 0 nats, got {}",
+                t.free_bits
+            );
+        }
+        pos(t.mc_samples, "train.mc_samples")?;
+        pos(t.iw_samples, "train.iw_samples")?;
+        if t.mc_samples > 1 && t.iw_samples > 1 {
+            bail!(
+                "keys `train.mc_samples` and `train.iw_samples`: set one of them above 1, not both"
+            );
+        }
+        let elbo_only = t.beta != 1.0 || t.kl_warmup_epochs > 0 || t.free_bits > 0.0;
+        if t.iw_samples > 1 && elbo_only {
+            bail!(
+                "key `train.iw_samples`: the IWAE bound has no KL term to weigh; \
+                 beta, kl_warmup_epochs and free_bits apply to the ELBO only"
+            );
+        }
+        if t.free_bits > 0.0 && self.model.flows > 0 {
+            bail!("key `train.free_bits` needs the analytic per-dimension KL, which flows replace; use one or the other");
+        }
+        if self.model.kind == ModelKind::Ae {
+            if self.model.flows > 0 || t.iw_samples > 1 || t.mc_samples > 1 || elbo_only {
+                bail!(
+                    "key `model.kind`: \"ae\" has no sampling and no KL; flows, mc_samples, \
+                     iw_samples, beta, kl_warmup_epochs and free_bits do not apply"
+                );
+            }
+        }
         Ok(())
     }
 

@@ -120,9 +120,15 @@ fn act_grad(act: Activation, a: f32, h: f32) -> f32 {
     }
 }
 
-/// Whether the fused step implements `cfg` (everything but GELU).
-pub fn supports(cfg: &ModelConfig) -> bool {
-    cfg.activation != Activation::Gelu
+/// Whether the fused step implements `cfg`: the VAE with one sample of z, no flows, any
+/// activation but GELU; beta, KL warm-up and free bits included.
+pub fn supports(cfg: &crate::config::Config) -> bool {
+    let m = &cfg.model;
+    m.activation != Activation::Gelu
+        && m.kind == crate::config::ModelKind::Vae
+        && m.flows == 0
+        && cfg.train.mc_samples == 1
+        && cfg.train.iw_samples == 1
 }
 
 /// A linear layer's place in `theta`: W (n_in, n_out) row-major at `w`, bias (n_out) at `b`.
@@ -276,6 +282,8 @@ struct Work {
     d1: Vec<f32>,
     d2: Vec<f32>,
     d_ml: Vec<f32>,
+    /// Per latent dimension, the batch's summed KL (for free bits).
+    kl_dim: Vec<f32>,
 }
 
 /// The fused trainer: parameters, gradients, Adam moments and work buffers.
@@ -296,6 +304,9 @@ pub struct Fused {
     dec_lv: Option<usize>,
     work: Work,
     cap: usize,
+    /// Weight on the KL term (beta times the warm-up ramp) and free bits, for the next step.
+    kl_weight: f32,
+    free_bits: f32,
 }
 
 impl Fused {
@@ -307,10 +318,13 @@ impl Fused {
         adam: AdamConfig,
         cap: usize,
     ) -> Result<Self> {
-        if !supports(cfg) {
+        if cfg.activation == Activation::Gelu
+            || cfg.kind != crate::config::ModelKind::Vae
+            || cfg.flows > 0
+        {
             bail!(
-                "the fused CPU step does not implement activation {:?}",
-                cfg.activation
+                "the fused CPU step implements the plain VAE without GELU, not {:?}",
+                cfg
             );
         }
         let mut size = 0usize;
@@ -371,6 +385,7 @@ impl Fused {
             d1: vec![0.0; cap * widest.max(2 * z)],
             d2: vec![0.0; cap * widest.max(2 * z)],
             d_ml: vec![0.0; cap * 2 * z],
+            kl_dim: vec![0.0; z],
         };
         let mut f = Fused {
             cfg: cfg.clone(),
@@ -388,9 +403,18 @@ impl Fused {
             dec_lv,
             work,
             cap,
+            kl_weight: 1.0,
+            free_bits: 0.0,
         };
         f.import(params, Which::Theta)?;
         Ok(f)
+    }
+
+    /// Sets the KL weight (beta times the warm-up ramp) and the free bits (nats per dimension)
+    /// of the following steps. The returned -ELBO terms are unweighted whatever these are.
+    pub fn set_kl(&mut self, weight: f64, free_bits: f64) {
+        self.kl_weight = weight as f32;
+        self.free_bits = free_bits as f32;
     }
 
     /// The batch capacity; `x_mut` and `eps_mut` hold `rows` rows of it.
@@ -465,6 +489,7 @@ impl Fused {
         let hb = &th[hl.b..hl.b + 2 * z];
         let kl = simd!({
             let mut kl = 0f64;
+            w.kl_dim.fill(0.0);
             for r in 0..b {
                 let row = &mut w.ml[r * 2 * z..(r + 1) * 2 * z];
                 let mut acc = 0f32;
@@ -475,7 +500,9 @@ impl Fused {
                     let s = exp_f32(0.5 * lv);
                     w.sigma[r * z + j] = s;
                     w.z[r * z + j] = mu + s * w.eps[r * z + j];
-                    acc += mu * mu + s * s - lv - 1.0;
+                    let k = mu * mu + s * s - lv - 1.0;
+                    w.kl_dim[j] += 0.5 * k;
+                    acc += k;
                 }
                 kl += 0.5 * acc as f64;
             }
@@ -831,6 +858,22 @@ impl Fused {
             h.insert(format!("v.{k}"), t);
         }
         Ok(h)
+    }
+
+    /// Restores the moments saved by `adam_state` and the step count.
+    pub fn load_adam_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> Result<()> {
+        let part = |prefix: &str| -> HashMap<String, Tensor> {
+            state
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+                .collect()
+        };
+        self.import(&part("m."), Which::M)
+            .context("Adam first moments")?;
+        self.import(&part("v."), Which::V)
+            .context("Adam second moments")?;
+        self.step = step;
+        Ok(())
     }
 
     /// The last step's gradients, checkpoint layout (for tests).

@@ -22,9 +22,10 @@ struct Cli {
 enum Cmd {
     /// Train a model from a config into a new run directory (runs/<name>/).
     Train {
-        /// Config file; a bare name also finds configs/NAME and the shipped configs.
-        #[arg(long, short, default_value = "mnist.toml")]
-        config: String,
+        /// Config file; a bare name also finds configs/NAME and the shipped configs
+        /// [default: mnist.toml].
+        #[arg(long, short)]
+        config: Option<String>,
         /// Override a config key, e.g. --set train.lr=3e-4 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -37,6 +38,10 @@ enum Cmd {
         /// Print no config and no progress bar.
         #[arg(long, short)]
         quiet: bool,
+        /// Continue the latest run (or --run DIR) from its last checkpoint; --set may change
+        /// training keys, e.g. --set train.epochs=20 to train longer.
+        #[arg(long, conflicts_with = "config")]
+        resume: bool,
     },
     /// Evaluate a run's checkpoint on the whole test set: -ELBO, reconstruction, KL in nats.
     Eval {
@@ -49,6 +54,13 @@ enum Cmd {
         /// Print one JSON object instead of a sentence.
         #[arg(long)]
         json: bool,
+        /// Also estimate -log p(x) with K importance samples per image (Burda et al. 2015; 5000
+        /// is the published setting).
+        #[arg(long, value_name = "K", default_value_t = 0)]
+        iw: usize,
+        /// Evaluate the first N test images only (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
     },
     /// New images from the prior: z ~ N(0, I) decoded, as a PNG grid (to stdout, or -o FILE).
     Sample {
@@ -188,14 +200,27 @@ fn dispatch(cli: Cli) -> Result<()> {
             run,
             device,
             quiet,
+            resume,
         } => {
             if let Some(d) = device {
                 set.push(format!("device={d}"));
             }
-            let cfg = config::resolve(&config::find(&config)?, &set)?;
-            train::train(&cfg, &train::Options { run, quiet })?;
+            if resume {
+                let run = run.map(|p| p.display().to_string());
+                train::resume(run.as_deref(), &set, &train::Options { run: None, quiet })?;
+            } else {
+                let name = config.unwrap_or_else(|| "mnist.toml".into());
+                let cfg = config::resolve(&config::find(&name)?, &set)?;
+                train::train(&cfg, &train::Options { run, quiet })?;
+            }
         }
-        Cmd::Eval { run, device, json } => eval::run_eval(run.as_deref(), device.as_deref(), json)?,
+        Cmd::Eval {
+            run,
+            device,
+            json,
+            iw,
+            limit,
+        } => eval::run_eval(run.as_deref(), device.as_deref(), json, iw, limit)?,
         Cmd::Sample {
             n,
             seed,

@@ -87,6 +87,28 @@ impl Adam {
         Ok(())
     }
 
+    /// Restores moments saved by `state` and the step count; every parameter must have both.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> anyhow::Result<()> {
+        for s in &self.slots {
+            for (prefix, var) in [("m.", &s.m), ("v.", &s.v)] {
+                let name = format!("{prefix}{}", s.name);
+                let t = state
+                    .get(&name)
+                    .ok_or_else(|| anyhow::anyhow!("no tensor `{name}`"))?;
+                if t.dims() != var.dims() {
+                    anyhow::bail!(
+                        "tensor `{name}` has shape {:?}, expected {:?}",
+                        t.dims(),
+                        var.dims()
+                    );
+                }
+                var.set(&t.to_device(var.device())?)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// The moments as `m.<param>` and `v.<param>` tensors.
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut h = HashMap::new();

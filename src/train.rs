@@ -11,7 +11,7 @@ use crate::data;
 use crate::device;
 use crate::eval::{self, Loaded, Totals};
 use crate::fused::{self, Fused};
-use crate::model::{self, Vae};
+use crate::model::{self, Objective, Vae};
 use crate::optim::{Adam, AdamConfig};
 use crate::pictures;
 use crate::run::{self, State};
@@ -130,12 +130,12 @@ impl Trainer {
         })
     }
 
-    /// One Adam step on the batch's summed -ELBO; `x` (B, D), `eps` (B, Z). Returns the batch's
-    /// summed [recon, kl] as a (2,) tensor left on the device.
-    pub fn step(&mut self, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
-        let (recon, kl) = self.model.neg_elbo_terms(x, eps)?;
-        let (rs, ks) = (recon.sum_all()?, kl.sum_all()?);
-        let grads = (&rs + &ks)?.backward()?;
+    /// One Adam step on the batch's objective (the summed -ELBO for the reference recipe);
+    /// `x` (B, D), `eps` (B S, Z). Returns the batch's summed true -ELBO terms [recon, kl] as a
+    /// (2,) tensor left on the device.
+    pub fn step(&mut self, x: &Tensor, eps: &Tensor, o: &Objective) -> Result<Tensor> {
+        let (loss, rs, ks) = self.model.training_loss(x, eps, o)?;
+        let grads = loss.backward()?;
         self.adam.step(&grads)?;
         Ok(Tensor::stack(&[rs.detach(), ks.detach()], 0)?)
     }
@@ -160,13 +160,16 @@ impl Engine {
     ) -> Result<Self> {
         let cpu = matches!(dev, Device::Cpu);
         let fused = match cfg.train.engine {
-            EngineKind::Auto => cpu && fused::supports(&cfg.model),
+            EngineKind::Auto => cpu && fused::supports(cfg),
             EngineKind::Fused => {
                 if !cpu {
                     bail!("key `train.engine`: \"fused\" runs on the CPU only; use \"auto\" or --device cpu");
                 }
-                if !fused::supports(&cfg.model) {
-                    bail!("key `train.engine`: \"fused\" does not implement model.activation = gelu; use \"auto\"");
+                if !fused::supports(cfg) {
+                    bail!(
+                        "key `train.engine`: \"fused\" implements the VAE with one sample of z and no \
+                         flows, without GELU; use \"auto\" for this config"
+                    );
                 }
                 true
             }
@@ -209,6 +212,7 @@ impl Engine {
         idx: &[u32],
         dynamic: bool,
         latent: usize,
+        o: &Objective,
         rng: &mut StdRng,
     ) -> Result<Sums> {
         let b = idx.len();
@@ -228,6 +232,7 @@ impl Engine {
                 for e in f.eps_mut(b) {
                     *e = StandardNormal.sample(rng);
                 }
+                f.set_kl(o.kl_weight, o.free_bits);
                 let (r, k) = f.step(b)?;
                 Ok(Sums::Host(r, k))
             }
@@ -242,8 +247,8 @@ impl Engine {
                         .lt(&xb)?
                         .to_dtype(DType::F32)?;
                 }
-                let eps = eval::normal(rng, b, latent, &dev)?;
-                Ok(Sums::Device(t.step(&xb, &eps)?))
+                let eps = eval::normal(rng, b * o.samples, latent, &dev)?;
+                Ok(Sums::Device(t.step(&xb, &eps, o)?))
             }
         }
     }
@@ -260,6 +265,14 @@ impl Engine {
         match self {
             Engine::Fused { f, .. } => f.adam_state(),
             Engine::Autograd { t, .. } => Ok(t.adam.state()),
+        }
+    }
+
+    /// Restores Adam's moments (`m.<name>`, `v.<name>`) and step count from a checkpoint.
+    pub fn load_optimizer(&mut self, state: &HashMap<String, Tensor>, step: u64) -> Result<()> {
+        match self {
+            Engine::Fused { f, .. } => f.load_adam_state(state, step),
+            Engine::Autograd { t, .. } => t.adam.load_state(state, step),
         }
     }
 
@@ -291,24 +304,171 @@ enum Sums {
     Device(Tensor),
 }
 
+/// The objective of the step after `step` steps: S samples, IWAE or ELBO, and the KL weight
+/// beta * min(1, step / (kl_warmup_epochs * steps per epoch)), rising linearly per step (the
+/// annealing of Bowman et al. 2016).
+pub fn objective(cfg: &Config, step: u64, steps_per_epoch: usize) -> Objective {
+    let t = &cfg.train;
+    let ramp = if t.kl_warmup_epochs == 0 {
+        1.0
+    } else {
+        (step as f64 / (t.kl_warmup_epochs * steps_per_epoch) as f64).min(1.0)
+    };
+    Objective {
+        samples: t.mc_samples.max(t.iw_samples),
+        iwae: t.iw_samples > 1,
+        kl_weight: t.beta * ramp,
+        free_bits: t.free_bits,
+    }
+}
+
+/// The random stream of epoch `epoch` (1-based): shuffle, binarization and eps all come from it,
+/// so a run resumed at any step reproduces the draws of one that never stopped.
+pub fn epoch_rng(seed: u64, epoch: usize) -> StdRng {
+    StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// Where training starts: fresh, or from a run's checkpoint.
+struct Start {
+    /// The run directory when resuming; a fresh run's is created once data and model are ready,
+    /// so a bad input leaves nothing behind.
+    run_dir: Option<PathBuf>,
+    /// Epochs completed.
+    epoch: usize,
+    /// Model parameters, optimizer moments (`m.*`, `v.*`) and steps taken, when resuming.
+    resumed: Option<(HashMap<String, Tensor>, HashMap<String, Tensor>, u64)>,
+    /// metrics.csv so far.
+    csv: String,
+}
+
 /// `vae train`: trains `cfg` into a new run directory and returns it.
 pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
+    let start = Start {
+        run_dir: None,
+        epoch: 0,
+        resumed: None,
+        csv: String::from(CSV_HEADER),
+    };
+    run_training(cfg, opts, start)
+}
+
+/// `vae train --resume`: continues a run from its last checkpoint, with the model, Adam's moments
+/// and step count, and the random streams where they were. `overrides` may change keys that do
+/// not change the model (e.g. `train.epochs` to train longer).
+pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Result<PathBuf> {
+    let run_dir = run::find(run_arg)?;
+    let path = run_dir.join(run::CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: missing; {} is not a run directory",
+            path.display(),
+            run_dir.display()
+        )
+    })?;
+    let saved = crate::config::resolve(
+        &crate::config::Source {
+            label: path.display().to_string(),
+            text,
+        },
+        &[],
+    )?;
+    let cfg = crate::config::resolve(
+        &crate::config::Source {
+            label: path.display().to_string(),
+            text: saved.to_toml()?,
+        },
+        overrides,
+    )?;
+    if cfg.model != saved.model || cfg.data != saved.data || cfg.seed != saved.seed {
+        bail!(
+            "--set: a resumed run keeps its model, data and seed ({}); change training keys only, \
+             or start a new run",
+            path.display()
+        );
+    }
+    let state = run::load_state(&run_dir)?;
+    if state.epoch >= cfg.train.epochs {
+        bail!(
+            "{} has finished its {} epochs; to train longer pass --set train.epochs=N with N > {}",
+            run_dir.display(),
+            state.epoch,
+            state.epoch
+        );
+    }
+    let dev = device::open(&cfg.device).context("key `device` / --device")?;
+    let model_path = run_dir.join(run::MODEL_FILE);
+    let params = run::load_tensors(&model_path, &Device::Cpu)?;
+    model::check_params(
+        &params,
+        &cfg.model,
+        state.rows * state.cols,
+        &model_path.display().to_string(),
+    )?;
+    let moments = run::load_tensors(&run_dir.join(run::OPTIM_FILE), &Device::Cpu)?;
+    let params = params
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(&dev)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    let csv_path = run_dir.join(run::METRICS_FILE);
+    let old = std::fs::read_to_string(&csv_path).unwrap_or_default();
+    // Rows of completed epochs only: a row past the checkpoint belongs to work being redone.
+    let mut csv = String::from(CSV_HEADER);
+    for line in old.lines().skip(1) {
+        let e: Option<usize> = line.split(',').next().and_then(|v| v.parse().ok());
+        if e.is_some_and(|e| e <= state.epoch) {
+            csv.push_str(line);
+            csv.push('\n');
+        }
+    }
+    println!(
+        "resuming {} after epoch {} (step {})",
+        run_dir.display(),
+        state.epoch,
+        state.step
+    );
+    let start = Start {
+        run_dir: Some(run_dir),
+        epoch: state.epoch,
+        resumed: Some((params, moments, state.step)),
+        csv,
+    };
+    run_training(&cfg, opts, start)
+}
+
+fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
     let dev = device::open(&cfg.device).context("key `device` / --device")?;
     let ds = data::load_dir(&cfg.data.dir, cfg.data.limit, cfg.data.test_limit)?;
     let dim = ds.train.dim();
     let n = ds.train.n;
+    // The init stream: parameters first, then the static binarization, so a seed's init does not
+    // depend on the data options. A resumed run replays it to binarize identically.
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-
-    // Parameters first, so a seed's init does not depend on the data options.
-    let params = model::init_params(&cfg.model, dim, &mut rng, &dev)?;
+    let fresh = model::init_params(&cfg.model, dim, &mut rng, &dev)?;
     let mut train_px = ds.train.pixels_f32();
     if cfg.data.binarize == Binarize::Static {
         data::binarize_in_place(&mut train_px, &mut rng);
     }
+    let Start {
+        run_dir,
+        epoch: done,
+        resumed,
+        mut csv,
+    } = start;
+    let (params, moments) = match resumed {
+        Some((p, m, step)) => (p, Some((m, step))),
+        None => (fresh, None),
+    };
     let mut engine = Engine::new(cfg, dim, params, train_px, &dev)?;
+    if let Some((m, step)) = moments {
+        engine
+            .load_optimizer(&m, step)
+            .context("optimizer.safetensors")?;
+    }
     let x_test = eval::test_tensor(cfg, &ds.test, &dev)?;
-
-    let run_dir = run::create(cfg, opts.run.as_deref())?;
+    let run_dir = match run_dir {
+        Some(d) => d,
+        None => run::create(cfg, opts.run.as_deref())?,
+    };
     run::write_atomic(&run_dir.join(run::CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
     run::set_latest(Path::new(&cfg.out_dir), &run_dir)?;
 
@@ -341,23 +501,23 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
     };
     let picture_z = pictures::fixed_z(cfg.seed, 64, cfg.model.latent);
     let test_px = eval::test_pixels(cfg, &ds.test);
-    let mut csv = String::from(CSV_HEADER);
-    let row0 = EpochRow {
-        epoch: 0,
-        step: 0,
-        train: None,
-        test: evaluate(&engine)?.0,
-        seconds: 0.0,
-    };
-    println!("{}", row0.line(cfg.train.epochs));
-    csv.push_str(&row0.csv());
+    if done == 0 {
+        let row0 = EpochRow {
+            epoch: 0,
+            step: 0,
+            train: None,
+            test: evaluate(&engine)?.0,
+            seconds: 0.0,
+        };
+        println!("{}", row0.line(cfg.train.epochs));
+        csv.push_str(&row0.csv());
+    }
 
     let bs = cfg.train.batch_size;
     let dynamic = cfg.data.binarize == Binarize::Dynamic;
     let steps_per_epoch = n.div_ceil(bs);
     let show_bar = !opts.quiet && std::io::stderr().is_terminal();
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    for epoch in 1..=cfg.train.epochs {
+    for epoch in done + 1..=cfg.train.epochs {
         let bar = if show_bar {
             let b = ProgressBar::new(steps_per_epoch as u64);
             b.set_style(
@@ -373,12 +533,15 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
             ProgressBar::hidden()
         };
         let t0 = Instant::now();
+        let mut rng = epoch_rng(cfg.seed, epoch);
+        let mut order: Vec<u32> = (0..n as u32).collect();
         order.shuffle(&mut rng);
         // Running sums of [recon, kl]; the autograd engine keeps them on the device (no host
         // sync per step).
         let (mut host, mut on_dev) = ((0f64, 0f64), None::<Tensor>);
         for chunk in order.chunks(bs) {
-            match engine.step(chunk, dynamic, cfg.model.latent, &mut rng)? {
+            let o = objective(cfg, engine.steps(), steps_per_epoch);
+            match engine.step(chunk, dynamic, cfg.model.latent, &o, &mut rng)? {
                 Sums::Host(r, k) => host = (host.0 + r, host.1 + k),
                 Sums::Device(t) => {
                     on_dev = Some(match on_dev {
@@ -435,10 +598,21 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         };
         pictures::epoch_pictures(&l, &run_dir, epoch, &picture_z, &test_px, &csv)?;
     }
+    if let Some(mb) = peak_rss_mb() {
+        println!("peak resident memory {mb:.0} MB");
+    }
     println!(
         "saved {}  (vae eval --run {} for the full test set)",
         run_dir.display(),
         run_dir.display()
     );
     Ok(run_dir)
+}
+
+/// This process's peak resident set (VmHWM in /proc/self/status), Linux only.
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
