@@ -131,6 +131,61 @@ pub fn supports(cfg: &crate::config::Config) -> bool {
         && cfg.train.iw_samples == 1
 }
 
+/// One Adam step's constants (Kingma & Ba 2015, Algorithm 1, with PyTorch's placement of eps
+/// and decoupled weight decay): the same update as `optim::Adam`.
+#[derive(Clone, Copy)]
+struct AdamStep {
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    inv_sqrt_bc2: f32,
+    eps: f32,
+    decay: f32,
+}
+
+impl AdamStep {
+    fn new(c: &AdamConfig, t: u64) -> Self {
+        let bc1 = 1.0 - c.beta1.powi(t as i32);
+        let bc2 = 1.0 - c.beta2.powi(t as i32);
+        AdamStep {
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            step_size: (c.lr / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+            eps: c.eps as f32,
+            decay: (1.0 - c.lr * c.weight_decay) as f32,
+        }
+    }
+
+    /// Updates `th` from its gradient `g` and moments `m`, `v`, in parallel chunks.
+    fn apply(&self, th: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        const CHUNK: usize = 1 << 15;
+        let a = *self;
+        let run = |th: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
+            simd!({
+                for i in 0..th.len() {
+                    let gi = g[i];
+                    let mi = a.b1 * m[i] + (1.0 - a.b1) * gi;
+                    let vi = a.b2 * v[i] + (1.0 - a.b2) * gi * gi;
+                    m[i] = mi;
+                    v[i] = vi;
+                    th[i] =
+                        th[i] * a.decay - a.step_size * mi / (vi.sqrt() * a.inv_sqrt_bc2 + a.eps);
+                }
+            })
+        };
+        if th.len() < 2 * CHUNK {
+            run(th, m, v, g);
+        } else {
+            th.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((th, m), v), g)| run(th, m, v, g));
+        }
+    }
+}
+
 /// A linear layer's place in `theta`: W (n_in, n_out) row-major at `w`, bias (n_out) at `b`.
 #[derive(Debug, Clone, Copy)]
 struct Lin {
@@ -143,6 +198,43 @@ struct Lin {
 #[allow(clippy::too_many_arguments)] // the BLAS shape: dst, two operands, three sizes, two flags
 /// C (m, n) = A (m, k) @ B (k, n), row-major; `a_t`: A is stored (k, m); `b_t`: B is stored (n, k).
 fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, a_t: bool, b_t: bool) {
+    // Only the big products (128 x 400 x 784 in the reference) gain from a second thread; for
+    // the small ones the hand-off costs more than it saves.
+    let par = if m * n * k >= 1 << 23 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    matmul_on(c, a, b, m, n, k, a_t, b_t, par)
+}
+
+/// `matmul` on one thread, for two independent products run side by side.
+#[allow(clippy::too_many_arguments)]
+fn matmul_1(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a_t: bool,
+    b_t: bool,
+) {
+    matmul_on(c, a, b, m, n, k, a_t, b_t, Parallelism::None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_on(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a_t: bool,
+    b_t: bool,
+    par: Parallelism,
+) {
     debug_assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
     let (a_cs, a_rs) = if a_t {
         (m as isize, 1)
@@ -153,13 +245,6 @@ fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, a_t
         (k as isize, 1)
     } else {
         (1, n as isize)
-    };
-    // Only the big products (128 x 400 x 784 in the reference) gain from a second thread; for
-    // the small ones the hand-off costs more than it saves.
-    let par = if m * n * k >= 1 << 23 {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
     };
     // SAFETY: the slices hold at least the extents the strides describe (checked above in
     // debug builds; the callers size every buffer from the same dimensions).
@@ -438,16 +523,26 @@ impl Fused {
         if rows == 0 || rows > self.cap {
             bail!("batch of {rows} rows for a buffer of {}", self.cap);
         }
-        let terms = self.forward_backward(rows);
-        self.adam_step();
-        Ok(terms)
+        self.step += 1;
+        let a = AdamStep::new(&self.adam, self.step);
+        Ok(self.forward_backward(rows, Some(a)))
     }
 
-    fn forward_backward(&mut self, b: usize) -> (f64, f64) {
+    /// Forward and backward over `b` rows; with `adam`, each layer's parameters are updated as
+    /// soon as its gradient is final and its weights have been used for the last time, while
+    /// both are still in cache (the update is the same as one pass after the backward).
+    fn forward_backward(&mut self, b: usize, adam: Option<AdamStep>) -> (f64, f64) {
         let (dim, z, act) = (self.dim, self.cfg.latent, self.cfg.activation);
-        let th = &self.theta;
+        let mut theta = std::mem::take(&mut self.theta);
+        let (m, v) = (&mut self.m, &mut self.v);
         let g = &mut self.grad;
         let w = &mut self.work;
+        let th = &mut theta;
+        let mut update = |th: &mut [f32], g: &[f32], lo: usize, hi: usize| {
+            if let Some(a) = &adam {
+                a.apply(&mut th[lo..hi], &mut m[lo..hi], &mut v[lo..hi], &g[lo..hi]);
+            }
+        };
 
         // Encoder: a_i = h_{i-1} W_i + b_i, h_i = act(a_i).
         for (i, l) in self.enc.iter().enumerate() {
@@ -603,29 +698,26 @@ impl Fused {
             }
         };
 
-        // Back through the output layer: dW = h^T d_out, db = colsum, dh = d_out W^T.
-        let last = &w.dec_h[self.dec.len() - 1];
-        matmul(
-            &mut g[lo.w..lo.b],
-            &last[..b * lo.n_in],
-            &w.d_out[..b * dim],
-            lo.n_in,
-            dim,
-            b,
-            true,
-            false,
-        );
-        col_sums(&mut g[lo.b..lo.b + dim], &w.d_out[..b * dim], dim);
-        matmul(
-            &mut w.d1,
-            &w.d_out[..b * dim],
-            &th[lo.w..lo.b],
-            b,
-            lo.n_in,
-            dim,
-            false,
-            true,
-        );
+        if let Some(off) = self.dec_lv {
+            update(th, g, off, off + dim);
+        }
+        // Back through the output layer: dW = h^T d_out, db = colsum, dh = d_out W^T. The two
+        // products are independent, and dh's operand layout (W read transposed) gains nothing
+        // from a second thread, so they run side by side, one thread each.
+        {
+            let last = &w.dec_h[self.dec.len() - 1][..b * lo.n_in];
+            let d_out = &w.d_out[..b * dim];
+            let (g_w, g_b) = g[lo.w..lo.b + dim].split_at_mut(lo.b - lo.w);
+            let (d1, w_out) = (&mut w.d1, &th[lo.w..lo.b]);
+            rayon::join(
+                || {
+                    matmul_1(g_w, last, d_out, lo.n_in, dim, b, true, false);
+                    col_sums(g_b, d_out, dim);
+                },
+                || matmul_1(d1, d_out, w_out, b, lo.n_in, dim, false, true),
+            );
+        }
+        update(th, g, lo.w, lo.b + dim);
         // Decoder layers, last to first; d1 holds d(loss)/d(output of the layer).
         for (i, l) in self.dec.iter().enumerate().rev() {
             let n = b * l.n_out;
@@ -652,10 +744,17 @@ impl Fused {
                 false,
                 true,
             );
+            update(th, g, l.w, l.b + l.n_out);
             std::mem::swap(&mut w.d1, &mut w.d2);
         }
-        // d1 now holds dz (B, Z). Through the reparameterization and the KL:
-        // dmu = dz + mu; dlogvar = dz eps sigma / 2 + (sigma^2 - 1) / 2.
+        // d1 now holds dz (B, Z). Through the reparameterization and the weighted KL:
+        // dmu = dz + c_j mu; dlogvar = dz eps sigma / 2 + c_j (sigma^2 - 1) / 2, where c_j is the
+        // KL weight, or 0 for a dimension whose batch-mean KL is under the free bits.
+        let (kw, fb) = (self.kl_weight, self.free_bits);
+        for j in 0..z {
+            let under = fb > 0.0 && w.kl_dim[j] / (b as f32) < fb;
+            w.kl_dim[j] = if under { 0.0 } else { kw };
+        }
         simd!({
             for r in 0..b {
                 for j in 0..z {
@@ -665,8 +764,9 @@ impl Fused {
                         w.eps[r * z + j],
                         w.d1[r * z + j],
                     );
-                    w.d_ml[r * 2 * z + j] = dz + mu;
-                    w.d_ml[r * 2 * z + z + j] = 0.5 * dz * e * s + 0.5 * (s * s - 1.0);
+                    let c = w.kl_dim[j];
+                    w.d_ml[r * 2 * z + j] = dz + c * mu;
+                    w.d_ml[r * 2 * z + z + j] = 0.5 * dz * e * s + c * 0.5 * (s * s - 1.0);
                 }
             }
         });
@@ -692,6 +792,7 @@ impl Fused {
             false,
             true,
         );
+        update(th, g, hl.w, hl.b + 2 * z);
         // Encoder layers, last to first.
         for (i, l) in self.enc.iter().enumerate().rev() {
             let n = b * l.n_out;
@@ -721,39 +822,10 @@ impl Fused {
                 );
                 std::mem::swap(&mut w.d1, &mut w.d2);
             }
+            update(th, g, l.w, l.b + l.n_out);
         }
+        self.theta = theta;
         (recon, kl)
-    }
-
-    /// One Adam step over the flat buffers, in parallel chunks: the same update as `optim::Adam`.
-    fn adam_step(&mut self) {
-        self.step += 1;
-        let c = self.adam;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-        let step_size = (c.lr / bc1) as f32;
-        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-        let eps = c.eps as f32;
-        let decay = (1.0 - c.lr * c.weight_decay) as f32;
-        const CHUNK: usize = 1 << 15;
-        self.theta
-            .par_chunks_mut(CHUNK)
-            .zip(self.m.par_chunks_mut(CHUNK))
-            .zip(self.v.par_chunks_mut(CHUNK))
-            .zip(self.grad.par_chunks(CHUNK))
-            .for_each(|(((th, m), v), g)| {
-                simd!({
-                    for i in 0..th.len() {
-                        let gi = g[i];
-                        let mi = b1 * m[i] + (1.0 - b1) * gi;
-                        let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
-                        m[i] = mi;
-                        v[i] = vi;
-                        th[i] = th[i] * decay - step_size * mi / (vi.sqrt() * inv_sqrt_bc2 + eps);
-                    }
-                })
-            });
     }
 
     /// Every tensor in checkpoint layout: (name, offset, rows, cols, source stride, column
@@ -883,7 +955,7 @@ impl Fused {
 
     /// Forward and backward without the Adam step (for tests).
     pub fn loss_and_grads(&mut self, rows: usize) -> (f64, f64) {
-        self.forward_backward(rows)
+        self.forward_backward(rows, None)
     }
 }
 
@@ -931,6 +1003,13 @@ mod tests {
 
     /// The fused step against candle's autograd on the same parameters, batch and noise.
     fn check(cfg: ModelConfig) {
+        check_with(cfg, 1.0, false)
+    }
+
+    /// The same with a KL weight, and with free bits at the median of the dimensions' batch-mean
+    /// KL (so some dimensions are under it and some are not): the gradients of
+    /// `Vae::training_loss`.
+    fn check_with(cfg: ModelConfig, kl_weight: f64, median_free_bits: bool) {
         let (dim, b) = (12, 5);
         let mut rng = StdRng::seed_from_u64(3);
         let dev = Device::Cpu;
@@ -951,18 +1030,41 @@ mod tests {
         let m = Vae::new(&cfg, dim, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         let xt = Tensor::from_vec(x.clone(), (b, dim), &dev).unwrap();
         let et = Tensor::from_vec(eps.clone(), (b, cfg.latent), &dev).unwrap();
-        let (r, k) = m.neg_elbo_terms(&xt, &et).unwrap();
-        let (r, k) = (r.sum_all().unwrap(), k.sum_all().unwrap());
-        let grads = (&r + &k).unwrap().backward().unwrap();
+        let free_bits = if median_free_bits {
+            let dims = m.samples(&xt, &et, 1).unwrap().kl_dims.unwrap();
+            let mut v = dims.mean(0).unwrap().to_vec1::<f32>().unwrap();
+            v.sort_by(|a, b| a.total_cmp(b));
+            // Between the two middle values, away from a tie.
+            (v[v.len() / 2 - 1] as f64 + v[v.len() / 2] as f64) / 2.0
+        } else {
+            0.0
+        };
+        let o = model::Objective {
+            samples: 1,
+            iwae: false,
+            kl_weight,
+            free_bits,
+        };
+        let (loss, r, k) = m.training_loss(&xt, &et, &o).unwrap();
+        let grads = loss.backward().unwrap();
         let (r, k) = (
             r.to_scalar::<f32>().unwrap() as f64,
             k.to_scalar::<f32>().unwrap() as f64,
         );
 
         let mut f = Fused::new(&cfg, dim, &params, adam, 8).unwrap();
+        f.set_kl(kl_weight, free_bits);
         f.x_mut(b).copy_from_slice(&x);
         f.eps_mut(b).copy_from_slice(&eps);
         let (fr, fk) = f.loss_and_grads(b);
+        if free_bits > 0.0 {
+            // After the step kl_dim holds each dimension's weight: 0 where under the free bits.
+            let c = &f.work.kl_dim;
+            assert!(
+                c.contains(&0.0) && c.iter().any(|v| *v > 0.0),
+                "free bits split nothing: {c:?}"
+            );
+        }
         assert!(
             (fr - r).abs() < 1e-4 * r.abs().max(1.0),
             "recon {fr} vs {r}"
@@ -1031,6 +1133,25 @@ mod tests {
             learn_sigma: true,
             ..Default::default()
         });
+        // A beta / warm-up weight, and free bits.
+        check_with(
+            ModelConfig {
+                hidden: vec![7, 5],
+                latent: 3,
+                ..Default::default()
+            },
+            0.37,
+            false,
+        );
+        check_with(
+            ModelConfig {
+                hidden: vec![7, 5],
+                latent: 4,
+                ..Default::default()
+            },
+            1.0,
+            true,
+        );
         check(ModelConfig {
             hidden: vec![6],
             latent: 2,
