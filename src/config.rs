@@ -396,13 +396,13 @@ impl Config {
         if t.free_bits > 0.0 && self.model.flows > 0 {
             bail!("key `train.free_bits` needs the analytic per-dimension KL, which flows replace; use one or the other");
         }
-        if self.model.kind == ModelKind::Ae {
-            if self.model.flows > 0 || t.iw_samples > 1 || t.mc_samples > 1 || elbo_only {
-                bail!(
-                    "key `model.kind`: \"ae\" has no sampling and no KL; flows, mc_samples, \
-                     iw_samples, beta, kl_warmup_epochs and free_bits do not apply"
-                );
-            }
+        if self.model.kind == ModelKind::Ae
+            && (self.model.flows > 0 || t.iw_samples > 1 || t.mc_samples > 1 || elbo_only)
+        {
+            bail!(
+                "key `model.kind`: \"ae\" has no sampling and no KL; flows, mc_samples, \
+                 iw_samples, beta, kl_warmup_epochs and free_bits do not apply"
+            );
         }
         Ok(())
     }

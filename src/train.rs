@@ -328,6 +328,9 @@ pub fn epoch_rng(seed: u64, epoch: usize) -> StdRng {
     StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
+/// A checkpoint's parameters, Adam moments and step count.
+type Resumed = (HashMap<String, Tensor>, HashMap<String, Tensor>, u64);
+
 /// Where training starts: fresh, or from a run's checkpoint.
 struct Start {
     /// The run directory when resuming; a fresh run's is created once data and model are ready,
@@ -336,7 +339,7 @@ struct Start {
     /// Epochs completed.
     epoch: usize,
     /// Model parameters, optimizer moments (`m.*`, `v.*`) and steps taken, when resuming.
-    resumed: Option<(HashMap<String, Tensor>, HashMap<String, Tensor>, u64)>,
+    resumed: Option<Resumed>,
     /// metrics.csv so far.
     csv: String,
 }
