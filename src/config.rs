@@ -16,6 +16,15 @@ pub const SHIPPED: &[(&str, &str)] = &[
         "mnist-gaussian.toml",
         include_str!("../configs/mnist-gaussian.toml"),
     ),
+    (
+        "mnist-warmup.toml",
+        include_str!("../configs/mnist-warmup.toml"),
+    ),
+    (
+        "mnist-flows.toml",
+        include_str!("../configs/mnist-flows.toml"),
+    ),
+    ("mnist-ae.toml", include_str!("../configs/mnist-ae.toml")),
     ("tiny.toml", include_str!("../configs/tiny.toml")),
 ];
 
@@ -205,6 +214,9 @@ pub struct Source {
 /// Finds `arg` as a path, then as `configs/<arg>` in the working directory, then among the
 /// shipped configs.
 pub fn find(arg: &str) -> Result<Source> {
+    if arg.trim().is_empty() {
+        bail!("--config: empty name; give a file or one of the shipped configs");
+    }
     let path = Path::new(arg);
     if path.is_dir() {
         bail!("--config {arg}: is a directory; give a .toml file");

@@ -105,22 +105,33 @@ pub fn parse_idx(bytes: &[u8], magic: u32, what: &str) -> Result<(Vec<usize>, Ve
     Ok((dims, bytes[header..].to_vec()))
 }
 
+/// Parses IDX file contents, gzipped or raw (a gzip stream is recognized by its magic bytes).
+pub fn parse_bytes(raw: &[u8], magic: u32, what: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+    let bytes = ungzip(raw, what)?;
+    parse_idx(&bytes, magic, what)
+}
+
+/// The bytes of a gzip stream decompressed, or `raw` itself when it is not one. Decompression
+/// stops at 4 GiB (EMNIST's largest file is ~0.6 GiB), so a hostile stream cannot exhaust memory.
+fn ungzip(raw: &[u8], what: &str) -> Result<Vec<u8>> {
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw.to_vec());
+    }
+    const LIMIT: u64 = 4 << 30;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(raw)
+        .take(LIMIT + 1)
+        .read_to_end(&mut out)
+        .with_context(|| format!("{what}: damaged gzip stream; re-download the file"))?;
+    if out.len() as u64 > LIMIT {
+        bail!("{what}: decompresses to more than 4 GiB; not an MNIST-format file");
+    }
+    Ok(out)
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .with_context(|| {
-                format!(
-                    "{}: damaged gzip stream; re-download the file",
-                    path.display()
-                )
-            })?;
-        Ok(out)
-    } else {
-        Ok(raw)
-    }
+    ungzip(&raw, &path.display().to_string())
 }
 
 /// The file for `stem` in `dir`: `stem`, `stem.gz`, or the dotted variant (`…-images.idx3-ubyte`).

@@ -155,6 +155,7 @@ pub fn open(run_arg: Option<&str>, device: Option<&str>) -> Result<Loaded> {
     let path = dir.join(run::MODEL_FILE);
     let params = run::load_tensors(&path, &dev)?;
     let state = run::load_state(&dir)?;
+    run::check_model_unchanged(&dir, &state, &cfg)?;
     let dim = state.rows * state.cols;
     model::check_params(&params, &cfg.model, dim, &path.display().to_string())?;
     let vb = VarBuilder::from_tensors(params, DType::F32, &dev);

@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod fused;
+pub mod interrupt;
 pub mod loss;
 pub mod model;
 pub mod optim;

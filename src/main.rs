@@ -184,7 +184,24 @@ fn parse_pair(s: &str) -> Result<(usize, usize)> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+                _ => {
+                    // One line: clap's first line, without the usage block.
+                    let text = e.to_string();
+                    let first = text.lines().next().unwrap_or("error: bad arguments");
+                    eprintln!("{first} (see vae --help)");
+                    std::process::exit(2);
+                }
+            }
+        }
+    };
     vae::device::init_cpu_threads();
     if let Err(e) = dispatch(cli) {
         eprintln!("error: {e:#}");

@@ -34,6 +34,9 @@ impl Output {
             Output::Stdout if std::io::stdout().is_terminal() => {
                 bail!("refusing to write a PNG to the terminal; redirect it (> grid.png) or use -o FILE")
             }
+            Output::File(p) if p.as_os_str().is_empty() => {
+                bail!("-o: empty path; give a file name, or - for stdout")
+            }
             Output::File(p) if p.is_dir() => {
                 bail!("-o {}: is a directory; give a file name", p.display())
             }

@@ -234,6 +234,9 @@ pub fn manifold(
 
 /// Parses "3,17,42".
 pub fn parse_indices(s: &str) -> Result<Vec<usize>> {
+    if s.trim().is_empty() {
+        bail!("--index: empty list; give image numbers, e.g. 3,17,42");
+    }
     s.split(',')
         .map(|t| {
             t.trim()

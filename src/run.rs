@@ -31,6 +31,125 @@ pub struct State {
     /// Image size the model was trained on (input dimension = rows * cols).
     pub rows: usize,
     pub cols: usize,
+    /// A run stopped inside an epoch: batches of epoch `epoch + 1` already done, and that
+    /// epoch's partial sums, so a resume continues exactly there.
+    #[serde(default)]
+    pub partial: Option<Partial>,
+    /// The model section the checkpoint was trained with, to catch an edited config.toml.
+    #[serde(default)]
+    pub model: Option<crate::config::ModelConfig>,
+}
+
+/// The part of an epoch done before an interruption.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Partial {
+    pub batches: usize,
+    pub recon_sum: f64,
+    pub kl_sum: f64,
+    pub seconds: f64,
+}
+
+/// Holds `<run>/lock` while a training writes into the run; removed on drop.
+pub struct Lock {
+    path: PathBuf,
+}
+
+impl Lock {
+    /// Takes the run's lock, refusing when a live process holds it; a lock left by a killed
+    /// process is taken over.
+    pub fn take(run: &Path) -> Result<Lock> {
+        let path = run.join("lock");
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    let _ = writeln!(f, "{}", std::process::id());
+                    return Ok(Lock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let pid: Option<i32> = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok());
+                    if let Some(pid) = pid.filter(|&p| alive(p)) {
+                        bail!(
+                            "{}: another training (pid {pid}) is writing this run; wait for it or stop it",
+                            run.display()
+                        );
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("{}: cannot create", path.display()))
+                }
+            }
+        }
+        bail!("{}: cannot take the lock", path.display())
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Refuses a config.toml whose `[model]` differs from the one the checkpoint was trained with
+/// (recorded in state.json), naming the keys.
+pub fn check_model_unchanged(run: &Path, state: &State, cfg: &Config) -> Result<()> {
+    let Some(trained) = &state.model else {
+        return Ok(());
+    };
+    if *trained == cfg.model {
+        return Ok(());
+    }
+    let table = |m: &crate::config::ModelConfig| -> toml::Table {
+        toml::Table::try_from(m).unwrap_or_default()
+    };
+    let (a, b) = (table(trained), table(&cfg.model));
+    let keys: Vec<String> = b
+        .iter()
+        .filter(|(k, v)| a.get(*k) != Some(*v))
+        .map(|(k, v)| {
+            format!(
+                "model.{k} = {v} (trained with {})",
+                a.get(k).map(|x| x.to_string()).unwrap_or_default()
+            )
+        })
+        .collect();
+    bail!(
+        "{}: {} differs from the checkpoint's training: {}; restore it or train a new run",
+        run.display(),
+        CONFIG_FILE,
+        keys.join(", ")
+    )
+}
+
+/// Removes temporary files a killed process left in `dir`.
+pub fn clean_temporaries(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with('.') && n.contains(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.
@@ -149,6 +268,7 @@ pub fn set_latest(out_dir: &Path, run: &Path) -> Result<()> {
 /// `runs/latest` names.
 pub fn find(run: Option<&str>) -> Result<PathBuf> {
     match run {
+        Some("") => bail!("--run: empty path; give a run directory"),
         Some(r) => {
             let p = PathBuf::from(r);
             if p.is_dir() {

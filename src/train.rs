@@ -11,10 +11,11 @@ use crate::data;
 use crate::device;
 use crate::eval::{self, Loaded, Totals};
 use crate::fused::{self, Fused};
+use crate::interrupt;
 use crate::model::{self, Objective, Vae};
 use crate::optim::{Adam, AdamConfig};
 use crate::pictures;
-use crate::run::{self, State};
+use crate::run::{self, Partial, State};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -342,6 +343,8 @@ struct Start {
     resumed: Option<Resumed>,
     /// metrics.csv so far.
     csv: String,
+    /// Progress inside the next epoch, for a run interrupted there.
+    partial: Option<Partial>,
 }
 
 /// `vae train`: trains `cfg` into a new run directory and returns it.
@@ -351,6 +354,7 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         epoch: 0,
         resumed: None,
         csv: String::from(CSV_HEADER),
+        partial: None,
     };
     run_training(cfg, opts, start)
 }
@@ -390,7 +394,8 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
         );
     }
     let state = run::load_state(&run_dir)?;
-    if state.epoch >= cfg.train.epochs {
+    run::check_model_unchanged(&run_dir, &state, &cfg)?;
+    if state.epoch >= cfg.train.epochs && state.partial.is_none() {
         bail!(
             "{} has finished its {} epochs; to train longer pass --set train.epochs=N with N > {}",
             run_dir.display(),
@@ -434,6 +439,7 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
         epoch: state.epoch,
         resumed: Some((params, moments, state.step)),
         csv,
+        partial: state.partial.clone(),
     };
     run_training(&cfg, opts, start)
 }
@@ -456,6 +462,7 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
         epoch: done,
         resumed,
         mut csv,
+        partial,
     } = start;
     let (params, moments) = match resumed {
         Some((p, m, step)) => (p, Some((m, step))),
@@ -472,6 +479,9 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
         Some(d) => d,
         None => run::create(cfg, opts.run.as_deref())?,
     };
+    let lock = run::Lock::take(&run_dir)?;
+    run::clean_temporaries(&run_dir);
+    interrupt::install();
     run::write_atomic(&run_dir.join(run::CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
     run::set_latest(Path::new(&cfg.out_dir), &run_dir)?;
 
@@ -520,6 +530,7 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
     let dynamic = cfg.data.binarize == Binarize::Dynamic;
     let steps_per_epoch = n.div_ceil(bs);
     let show_bar = !opts.quiet && std::io::stderr().is_terminal();
+    let mut partial = partial;
     for epoch in done + 1..=cfg.train.epochs {
         let bar = if show_bar {
             let b = ProgressBar::new(steps_per_epoch as u64);
@@ -539,13 +550,34 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
         let mut rng = epoch_rng(cfg.seed, epoch);
         let mut order: Vec<u32> = (0..n as u32).collect();
         order.shuffle(&mut rng);
-        // Running sums of [recon, kl]; the autograd engine keeps them on the device (no host
-        // sync per step).
+        // Running sums of [recon, kl]; the autograd engine keeps them on the device and they are
+        // read every DIVERGENCE_CHECK steps (the fused engine's are on the host every step).
         let (mut host, mut on_dev) = ((0f64, 0f64), None::<Tensor>);
-        for chunk in order.chunks(bs) {
+        let (mut skip, mut seconds_before) = (0, 0.0);
+        if let Some(p) = partial.take() {
+            // Resuming inside this epoch: replay the draws of the batches already done.
+            let o = objective(cfg, engine.steps(), steps_per_epoch);
+            for chunk in order.chunks(bs).take(p.batches) {
+                skip_draws(
+                    chunk.len(),
+                    dynamic,
+                    dim,
+                    cfg.model.latent * o.samples,
+                    &mut rng,
+                );
+            }
+            (skip, host, seconds_before) = (p.batches, (p.recon_sum, p.kl_sum), p.seconds);
+            bar.inc(skip as u64);
+        }
+        for (k, chunk) in order.chunks(bs).enumerate().skip(skip) {
             let o = objective(cfg, engine.steps(), steps_per_epoch);
             match engine.step(chunk, dynamic, cfg.model.latent, &o, &mut rng)? {
-                Sums::Host(r, k) => host = (host.0 + r, host.1 + k),
+                Sums::Host(r, kl) => {
+                    host = (host.0 + r, host.1 + kl);
+                    if !(r + kl).is_finite() {
+                        return Err(diverged(&run_dir, epoch, k + 1, steps_per_epoch, cfg));
+                    }
+                }
                 Sums::Device(t) => {
                     on_dev = Some(match on_dev {
                         Some(a) => (a + t)?,
@@ -553,14 +585,43 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
                     })
                 }
             }
+            if let Some(t) = on_dev.as_ref().filter(|_| (k + 1) % DIVERGENCE_CHECK == 0) {
+                if !t.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                    return Err(diverged(&run_dir, epoch, k + 1, steps_per_epoch, cfg));
+                }
+            }
             bar.inc(1);
+            if interrupt::requested() && k + 1 < steps_per_epoch {
+                bar.finish_and_clear();
+                if let Some(t) = on_dev.take() {
+                    let v = t.to_vec1::<f32>()?;
+                    host = (host.0 + v[0] as f64, host.1 + v[1] as f64);
+                }
+                let p = Partial {
+                    batches: k + 1,
+                    recon_sum: host.0,
+                    kl_sum: host.1,
+                    seconds: seconds_before + t0.elapsed().as_secs_f64(),
+                };
+                checkpoint(&engine, &run_dir, cfg, &ds, epoch - 1, Some(p))?;
+                stop_interrupted(lock, &run_dir, epoch, k + 1, steps_per_epoch);
+            }
         }
         if let Some(t) = on_dev {
             let v = t.to_vec1::<f32>()?;
             host = (host.0 + v[0] as f64, host.1 + v[1] as f64);
         }
-        let seconds = t0.elapsed().as_secs_f64();
+        let seconds = seconds_before + t0.elapsed().as_secs_f64();
         bar.finish_and_clear();
+        if !(host.0 + host.1).is_finite() {
+            return Err(diverged(
+                &run_dir,
+                epoch,
+                steps_per_epoch,
+                steps_per_epoch,
+                cfg,
+            ));
+        }
         let train = Totals {
             n,
             recon: host.0 / n as f64,
@@ -576,21 +637,7 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
         };
         println!("{}", row.line(cfg.train.epochs));
         csv.push_str(&row.csv());
-
-        // The checkpoint: weights, then moments, then state.json last, which names the epoch.
-        run::save_tensors(&run_dir.join(run::MODEL_FILE), &engine.params()?)?;
-        run::save_tensors(&run_dir.join(run::OPTIM_FILE), &engine.optimizer_state()?)?;
-        let state = State {
-            format: 1,
-            epoch,
-            step: engine.steps(),
-            rows: ds.train.rows,
-            cols: ds.train.cols,
-        };
-        run::write_atomic(
-            &run_dir.join(run::STATE_FILE),
-            serde_json::to_string_pretty(&state)?.as_bytes(),
-        )?;
+        let state = checkpoint(&engine, &run_dir, cfg, &ds, epoch, None)?;
         run::write_atomic(&run_dir.join(run::METRICS_FILE), csv.as_bytes())?;
         let l = Loaded {
             dir: run_dir.clone(),
@@ -600,6 +647,9 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
             dev: dev.clone(),
         };
         pictures::epoch_pictures(&l, &run_dir, epoch, &picture_z, &test_px, &csv)?;
+        if interrupt::requested() && epoch < cfg.train.epochs {
+            stop_interrupted(lock, &run_dir, epoch + 1, 0, steps_per_epoch);
+        }
     }
     if let Some(mb) = peak_rss_mb() {
         println!("peak resident memory {mb:.0} MB");
@@ -609,7 +659,104 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
         run_dir.display(),
         run_dir.display()
     );
+    drop(lock);
     Ok(run_dir)
+}
+
+/// Steps between the autograd engine's finiteness checks (each reads one number to the host).
+const DIVERGENCE_CHECK: usize = 50;
+
+/// Writes the checkpoint: weights, then moments, then state.json last, which names the epoch
+/// (and, for an interruption, how far into the next one). Each file is replaced atomically.
+fn checkpoint(
+    engine: &Engine,
+    run_dir: &Path,
+    cfg: &Config,
+    ds: &data::Dataset,
+    epoch: usize,
+    partial: Option<Partial>,
+) -> Result<State> {
+    let params = engine.params()?;
+    for (name, t) in &params {
+        if !t
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+            .is_finite()
+        {
+            bail!(
+                "parameter `{name}` is not finite after epoch {epoch}; training diverged. The last \
+                 good checkpoint in {} is untouched; resume it with a lower --set train.lr or \
+                 with --set train.kl_warmup_epochs=N",
+                run_dir.display()
+            );
+        }
+    }
+    run::save_tensors(&run_dir.join(run::MODEL_FILE), &params)?;
+    run::save_tensors(&run_dir.join(run::OPTIM_FILE), &engine.optimizer_state()?)?;
+    let state = State {
+        format: 1,
+        epoch,
+        step: engine.steps(),
+        rows: ds.train.rows,
+        cols: ds.train.cols,
+        partial,
+        model: Some(cfg.model.clone()),
+    };
+    run::write_atomic(
+        &run_dir.join(run::STATE_FILE),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
+    Ok(state)
+}
+
+/// The draws one batch of `b` images takes from the epoch's stream, discarded: the same count
+/// and order as `Engine::step`.
+fn skip_draws(b: usize, dynamic: bool, dim: usize, noise_per_image: usize, rng: &mut StdRng) {
+    if dynamic {
+        for _ in 0..b * dim {
+            let _: f32 = rng.random();
+        }
+    }
+    for _ in 0..b * noise_per_image {
+        let _: f32 = StandardNormal.sample(rng);
+    }
+}
+
+fn diverged(
+    run_dir: &Path,
+    epoch: usize,
+    batch: usize,
+    per_epoch: usize,
+    cfg: &Config,
+) -> anyhow::Error {
+    anyhow::anyhow!(
+        "training diverged at epoch {epoch}, batch {batch}/{per_epoch}: the loss is not finite. \
+         The last good checkpoint in {} is untouched; try a lower learning rate \
+         (--set train.lr={:e}) or KL warm-up (--set train.kl_warmup_epochs=5) and \
+         `vae train --resume --run {}`",
+        run_dir.display(),
+        cfg.train.lr / 10.0,
+        run_dir.display()
+    )
+}
+
+/// Ends the process after an interruption's checkpoint, releasing the lock first.
+fn stop_interrupted(
+    lock: run::Lock,
+    run_dir: &Path,
+    epoch: usize,
+    batch: usize,
+    per_epoch: usize,
+) -> ! {
+    drop(lock);
+    eprintln!(
+        "interrupted: checkpoint saved at epoch {epoch}, batch {batch}/{per_epoch} in {}; \
+         continue with `vae train --resume --run {}`",
+        run_dir.display(),
+        run_dir.display()
+    );
+    std::process::exit(130)
 }
 
 /// This process's peak resident set (VmHWM in /proc/self/status), Linux only.

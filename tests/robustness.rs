@@ -1,0 +1,305 @@
+//! Nothing a user types or a file holds crashes the binary or costs a good checkpoint: divergence,
+//! interruption (SIGINT, SIGKILL), damaged and mismatched files, concurrent use, hostile
+//! arguments.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Every file under `dir` with its length and modification time.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
+    let mut m = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let md = e.metadata().unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                m.insert(e.path(), (md.len(), md.modified().unwrap()));
+            }
+        }
+    }
+    m
+}
+
+fn spawn(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+#[test]
+fn divergence_stops_and_keeps_the_last_good_checkpoint() {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(t.path(), &["--set", "train.epochs=1"]);
+    let before = std::fs::read(run.join("model.safetensors")).unwrap();
+    // A learning rate of 1e30 sends the weights to infinity in one step.
+    let o = vae(
+        t.path(),
+        &[
+            "train",
+            "--resume",
+            "-q",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "train.lr=1e30",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("diverged") && err.contains("epoch 2") && err.contains("train.lr"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        std::fs::read(run.join("model.safetensors")).unwrap(),
+        before,
+        "the good checkpoint changed"
+    );
+    ok(t.path(), &["eval"]);
+    assert!(!run.join("lock").exists(), "the lock outlived the run");
+}
+
+/// SIGINT mid-run: the step finishes, a checkpoint is written, the exit says how to resume, and
+/// the resumed run ends exactly where an unbroken one does.
+#[test]
+fn interrupt_checkpoints_and_resumes_exactly() {
+    let args = [
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "data.limit=20000",
+        "--set",
+        "train.engine=autograd",
+        "--set",
+        "data.binarize=dynamic",
+    ];
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let unbroken = tiny(a.path(), &args);
+    let d = format!("data.dir={}", data_dir());
+    let mut full: Vec<&str> = vec!["train", "--config", "tiny.toml", "-q", "--set", &d];
+    full.extend_from_slice(&args);
+    let child = spawn(b.path(), &full);
+    // Wait for the first checkpoint, then interrupt somewhere in epoch 2.
+    let state = b.path().join("runs/tiny/state.json");
+    let t0 = Instant::now();
+    while !state.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        // The run ended before the signal arrived; nothing to resume.
+        eprintln!("note: the run finished before SIGINT");
+    } else {
+        eprintln!("{err}");
+        assert_eq!(out.status.code(), Some(130), "{err}");
+        assert!(
+            err.contains("interrupted") && err.contains("--resume"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        ok(b.path(), &["train", "--resume", "-q"]);
+    }
+    let rb = b.path().join("runs/tiny");
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            std::fs::read(unbroken.join(f)).unwrap() == std::fs::read(rb.join(f)).unwrap(),
+            "{f} differs after interrupt + resume ({err})"
+        );
+    }
+    // The logged means agree to rounding: an interrupted epoch's sum is resumed from the host,
+    // not the device's f32 accumulator, so its last digit may differ.
+    let (ma, mb) = (metrics(&unbroken), metrics(&rb));
+    assert_eq!(ma.len(), mb.len());
+    for (ra, rb) in ma.iter().zip(&mb) {
+        for (x, y) in ra[..8].iter().zip(&rb[..8]) {
+            match (x.parse::<f64>(), y.parse::<f64>()) {
+                (Ok(x), Ok(y)) => assert!((x - y).abs() < 1e-3, "{ra:?} vs {rb:?}"),
+                _ => assert_eq!(x, y),
+            }
+        }
+    }
+}
+
+/// SIGKILL at a moment picked from the clock: whatever was on disk stays usable.
+#[test]
+fn sigkill_at_a_random_moment_leaves_a_usable_run() {
+    let t = tempfile::tempdir().unwrap();
+    let d = format!("data.dir={}", data_dir());
+    let args = [
+        "train",
+        "-c",
+        "tiny.toml",
+        "-q",
+        "--set",
+        &d,
+        "--set",
+        "data.limit=5000",
+        "--set",
+        "train.epochs=40",
+    ];
+    let mut child = spawn(t.path(), &args);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let wait = 300 + (nanos % 1500) as u64;
+    std::thread::sleep(Duration::from_millis(wait));
+    signal(&child, libc::SIGKILL);
+    child.wait().unwrap();
+    let run = t.path().join("runs/tiny");
+    eprintln!(
+        "killed after {wait} ms; state.json present: {}",
+        run.join("state.json").exists()
+    );
+    if run.join("state.json").exists() {
+        let out = ok(t.path(), &["eval", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(v["neg_elbo"].as_f64().unwrap().is_finite());
+        // The killed process's lock and temporary files do not block the resume.
+        ok(
+            t.path(),
+            &["train", "--resume", "-q", "--set", "train.epochs=41"],
+        );
+        assert!(std::fs::read_dir(&run)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().contains(".tmp")));
+    } else {
+        fails(t.path(), &["eval"], "no checkpoint yet");
+    }
+}
+
+#[test]
+fn a_second_training_into_a_run_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(t.path(), &["--set", "train.epochs=1"]);
+    // A live process (this test) holds the lock.
+    std::fs::write(run.join("lock"), format!("{}\n", std::process::id())).unwrap();
+    fails(
+        t.path(),
+        &["train", "--resume", "-q", "--set", "train.epochs=2"],
+        "another training",
+    );
+    // A dead one's lock is taken over.
+    std::fs::write(run.join("lock"), "999999999\n").unwrap();
+    ok(
+        t.path(),
+        &["train", "--resume", "-q", "--set", "train.epochs=2"],
+    );
+}
+
+#[test]
+fn damaged_and_mismatched_files() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    let run = tiny(p, &["--set", "train.epochs=1"]);
+    let model = run.join("model.safetensors");
+    let good = std::fs::read(&model).unwrap();
+    // Truncated.
+    std::fs::write(&model, &good[..good.len() / 2]).unwrap();
+    fails(p, &["eval"], "model.safetensors");
+    // Corrupted header.
+    let mut bad = good.clone();
+    for b in bad.iter_mut().skip(8).take(40) {
+        *b = b'#';
+    }
+    std::fs::write(&model, &bad).unwrap();
+    fails(p, &["eval"], "model.safetensors");
+    std::fs::write(&model, &good).unwrap();
+    // A config edited after training: the shape changes, or only the activation.
+    let cfg = run.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("latent = 8", "latent = 9")).unwrap();
+    fails(p, &["eval"], "model.latent");
+    std::fs::write(
+        &cfg,
+        text.replace("activation = \"relu\"", "activation = \"tanh\""),
+    )
+    .unwrap();
+    fails(p, &["sample", "-o", "x.png"], "model.activation");
+    std::fs::write(&cfg, &text).unwrap();
+    // A damaged state.json.
+    std::fs::write(run.join("state.json"), "{ not json").unwrap();
+    fails(p, &["eval"], "state.json");
+    assert!(!p.join("x.png").exists());
+}
+
+#[test]
+fn hostile_arguments_fail_cleanly_and_write_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    tiny(p, &["--set", "train.epochs=1"]);
+    std::fs::create_dir(p.join("adir")).unwrap();
+    let before = snapshot(p);
+    let cases: &[(&[&str], &str)] = &[
+        (&["sample", "-n", "-1"], "-1"),
+        (
+            &["sample", "-n", "99999999999999999999999"],
+            "99999999999999999999999",
+        ),
+        (&["sample", "-n", "0", "-o", "x.png"], "-n 0"),
+        (
+            &["sample", "--temperature", "NaN", "-o", "x.png"],
+            "--temperature",
+        ),
+        (
+            &["sample", "--temperature=-1", "-o", "x.png"],
+            "--temperature",
+        ),
+        (&["sample", "-o", ""], "-o"),
+        (&["sample", "-o", "adir"], "directory"),
+        (&["sample", "-o", "/proc/nope/x.png"], "/proc/nope/x.png"),
+        (&["sample", "--run", ""], "--run"),
+        (&["manifold", "--steps", "0", "-o", "x.png"], "--steps 0"),
+        (
+            &["manifold", "--steps", "1000000", "-o", "x.png"],
+            "--steps 1000000",
+        ),
+        (&["manifold", "--axes", "", "-o", "x.png"], "--axes"),
+        (&["reconstruct", "--index", "", "-o", "x.png"], "--index"),
+        (&["reconstruct", "--index", "-3", "-o", "x.png"], "-3"),
+        (&["interpolate", "--steps", "NaN", "-o", "x.png"], "NaN"),
+        (&["train", "--config", ""], "--config"),
+        (&["train", "--config", "adir"], "directory"),
+        (&["train", "--set", ""], "--set"),
+        (&["train", "--set", "train.lr=nan"], "train.lr"),
+        (&["train", "--set", "train.lr=inf"], "train.lr"),
+        (&["train", "--set", "train.epochs=1e99"], "train.epochs"),
+        (
+            &["train", "--set", "train.batch_size=-5"],
+            "train.batch_size",
+        ),
+        (&["train", "--set", "name="], "name"),
+        (&["train", "--set", "name=../escape"], "name"),
+        (&["train", "--set", "data.dir=adir"], "adir"),
+        (&["train", "--set", "out_dir=/proc/nope"], "/proc/nope"),
+        (&["eval", "--iw", "99999999999"], "--iw"),
+        (&["eval", "--run", "adir"], "adir"),
+        (&["frobnicate"], "frobnicate"),
+    ];
+    for (args, needle) in cases {
+        fails(p, args, needle);
+    }
+    let after = snapshot(p);
+    assert_eq!(before, after, "a failed command created or changed files");
+}
