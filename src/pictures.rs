@@ -443,13 +443,11 @@ pub fn scatter(l: &Loaded, limit: usize, c: &Common) -> Result<()> {
     c.output.check()?;
     let px = eval::test_pixels(&l.cfg, &test);
     let mu = encode_means(l, &px)?;
+    let what = if l.model.is_ae() { "autoencoder codes" } else { "posterior means" };
     let (xy, title, axes): (Vec<(f32, f32)>, String, (String, String)) = if zd == 2 {
         (
             mu.chunks_exact(2).map(|p| (p[0], p[1])).collect(),
-            format!(
-                "posterior means of {} test images (2-D latent space)",
-                test.n
-            ),
+            format!("{what} of {} test images (2-D latent space)", test.n),
             ("z[0]".into(), "z[1]".into()),
         )
     } else {
@@ -461,7 +459,7 @@ pub fn scatter(l: &Loaded, limit: usize, c: &Common) -> Result<()> {
                 .map(|r| (proj(r, &ax[0]), proj(r, &ax[1])))
                 .collect(),
             format!(
-                "posterior means of {} test images, {zd}-D projected by PCA ({:.0}% of variance)",
+                "{what} of {} test images, {zd}-D projected by PCA ({:.0}% of variance)",
                 test.n,
                 100.0 * (frac[0] + frac[1])
             ),
