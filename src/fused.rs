@@ -348,6 +348,41 @@ fn col_sums(out: &mut [f32], d: &[f32], n: usize) {
     })
 }
 
+/// An MLP's hidden layers forward over `b` rows: a_i = h_{i-1} W_i + b_i, h_i = act(a_i), with
+/// h_{-1} = `input`; pre-activations into `pre`, outputs into `out`.
+fn forward_layers(
+    layers: &[Lin],
+    input: &[f32],
+    pre: &mut [Vec<f32>],
+    out: &mut [Vec<f32>],
+    th: &[f32],
+    b: usize,
+    act: Activation,
+) {
+    for (i, l) in layers.iter().enumerate() {
+        let (prev, rest) = out.split_at_mut(i);
+        let x: &[f32] = if i == 0 { input } else { &prev[i - 1] };
+        let (a, h) = (&mut pre[i], &mut rest[0]);
+        matmul(
+            a,
+            &x[..b * l.n_in],
+            &th[l.w..l.b],
+            b,
+            l.n_out,
+            l.n_in,
+            false,
+            false,
+        );
+        bias_act(
+            &mut a[..b * l.n_out],
+            &mut h[..b * l.n_out],
+            &th[l.b..l.b + l.n_out],
+            l.n_out,
+            act,
+        );
+    }
+}
+
 /// Per-batch buffers, sized for `cap` rows.
 struct Work {
     x: Vec<f32>,
@@ -545,28 +580,7 @@ impl Fused {
         };
 
         // Encoder: a_i = h_{i-1} W_i + b_i, h_i = act(a_i).
-        for (i, l) in self.enc.iter().enumerate() {
-            let (prev_h, rest_h) = w.enc_h.split_at_mut(i);
-            let input: &[f32] = if i == 0 { &w.x } else { &prev_h[i - 1] };
-            let (a, h) = (&mut w.enc_a[i], &mut rest_h[0]);
-            matmul(
-                a,
-                &input[..b * l.n_in],
-                &th[l.w..l.b],
-                b,
-                l.n_out,
-                l.n_in,
-                false,
-                false,
-            );
-            bias_act(
-                &mut a[..b * l.n_out],
-                &mut h[..b * l.n_out],
-                &th[l.b..l.b + l.n_out],
-                l.n_out,
-                act,
-            );
-        }
+        forward_layers(&self.enc, &w.x, &mut w.enc_a, &mut w.enc_h, th, b, act);
         // Heads: [mu | logvar] = h_L W_head + b_head, (B, 2Z).
         let hl = self.head;
         let top = &w.enc_h[self.enc.len() - 1];
@@ -604,28 +618,7 @@ impl Fused {
             kl
         });
         // Decoder.
-        for (i, l) in self.dec.iter().enumerate() {
-            let (prev_h, rest_h) = w.dec_h.split_at_mut(i);
-            let input: &[f32] = if i == 0 { &w.z } else { &prev_h[i - 1] };
-            let (a, h) = (&mut w.dec_a[i], &mut rest_h[0]);
-            matmul(
-                a,
-                &input[..b * l.n_in],
-                &th[l.w..l.b],
-                b,
-                l.n_out,
-                l.n_in,
-                false,
-                false,
-            );
-            bias_act(
-                &mut a[..b * l.n_out],
-                &mut h[..b * l.n_out],
-                &th[l.b..l.b + l.n_out],
-                l.n_out,
-                act,
-            );
-        }
+        forward_layers(&self.dec, &w.z, &mut w.dec_a, &mut w.dec_h, th, b, act);
         let lo = self.out;
         let last = &w.dec_h[self.dec.len() - 1];
         matmul(

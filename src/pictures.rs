@@ -443,7 +443,11 @@ pub fn scatter(l: &Loaded, limit: usize, c: &Common) -> Result<()> {
     c.output.check()?;
     let px = eval::test_pixels(&l.cfg, &test);
     let mu = encode_means(l, &px)?;
-    let what = if l.model.is_ae() { "autoencoder codes" } else { "posterior means" };
+    let what = if l.model.is_ae() {
+        "autoencoder codes"
+    } else {
+        "posterior means"
+    };
     let (xy, title, axes): (Vec<(f32, f32)>, String, (String, String)) = if zd == 2 {
         (
             mu.chunks_exact(2).map(|p| (p[0], p[1])).collect(),

@@ -152,8 +152,9 @@ pub fn clean_temporaries(dir: &Path) {
     }
 }
 
-/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Replaces `path` atomically: `write` fills a temporary file in the same directory, which is
+/// synced and renamed over `path`; on failure the temporary file is removed.
+fn replace_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -161,9 +162,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let res = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        write(&tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     })();
@@ -173,31 +173,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     res.with_context(|| format!("{}: cannot write", path.display()))
 }
 
-/// Saves tensors as plain safetensors, atomically (same temp-fsync-rename as `write_atomic`).
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_atomically(path, |tmp| Ok(std::fs::write(tmp, bytes)?))
+}
+
+/// Saves tensors as plain safetensors, atomically.
 pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let res = (|| -> Result<()> {
-        candle_core::safetensors::save(tensors, &tmp)?;
-        let f = std::fs::File::open(&tmp)?;
+    replace_atomically(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp)?;
         // The safetensors writer creates the file 0600; a checkpoint is as shareable as a config.
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644))?;
         }
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
         Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.with_context(|| format!("{}: cannot write", path.display()))
+    })
 }
 
 /// Loads a safetensors file onto `dev`, with a message naming the file when it is damaged.
