@@ -999,18 +999,29 @@ mod tests {
         check_with(cfg, 1.0, false)
     }
 
+    /// Seeded parameters, a batch x in [0, 1] (b, dim) and noise eps (b, Z), drawn in that order.
+    fn fixture(
+        cfg: &ModelConfig,
+        dim: usize,
+        b: usize,
+        seed: u64,
+    ) -> (HashMap<String, Tensor>, Vec<f32>, Vec<f32>) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let params = model::init_params(cfg, dim, &mut rng, &Device::Cpu).unwrap();
+        let x: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
+        let eps: Vec<f32> = (0..b * cfg.latent)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        (params, x, eps)
+    }
+
     /// The same with a KL weight, and with free bits at the median of the dimensions' batch-mean
     /// KL (so some dimensions are under it and some are not): the gradients of
     /// `Vae::training_loss`.
     fn check_with(cfg: ModelConfig, kl_weight: f64, median_free_bits: bool) {
         let (dim, b) = (12, 5);
-        let mut rng = StdRng::seed_from_u64(3);
         let dev = Device::Cpu;
-        let params = model::init_params(&cfg, dim, &mut rng, &dev).unwrap();
-        let x: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
-        let eps: Vec<f32> = (0..b * cfg.latent)
-            .map(|_| StandardNormal.sample(&mut rng))
-            .collect();
+        let (params, x, eps) = fixture(&cfg, dim, b, 3);
         let adam = AdamConfig {
             lr: 1e-2,
             beta1: 0.9,
@@ -1163,13 +1174,8 @@ mod tests {
             ..Default::default()
         };
         let (dim, b) = (9, 4);
-        let mut rng = StdRng::seed_from_u64(5);
         let dev = Device::Cpu;
-        let params = model::init_params(&cfg, dim, &mut rng, &dev).unwrap();
-        let x: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
-        let eps: Vec<f32> = (0..b * cfg.latent)
-            .map(|_| StandardNormal.sample(&mut rng))
-            .collect();
+        let (params, x, eps) = fixture(&cfg, dim, b, 5);
         let ac = AdamConfig {
             lr: 1e-2,
             beta1: 0.9,

@@ -365,20 +365,7 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
 pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Result<PathBuf> {
     let run_dir = run::find(run_arg)?;
     let path = run_dir.join(run::CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{}: missing; {} is not a run directory",
-            path.display(),
-            run_dir.display()
-        )
-    })?;
-    let saved = crate::config::resolve(
-        &crate::config::Source {
-            label: path.display().to_string(),
-            text,
-        },
-        &[],
-    )?;
+    let saved = run::load_config(&run_dir)?;
     let cfg = crate::config::resolve(
         &crate::config::Source {
             label: path.display().to_string(),
