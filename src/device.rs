@@ -42,8 +42,14 @@ pub fn open(s: &str) -> Result<Device> {
                      `cargo build --release --features cuda`, or use --device cpu"
                 );
             }
-            Device::new_cuda(n)
-                .map_err(|e| anyhow::anyhow!("device {s:?}: cannot open GPU {n}: {e}"))
+            Device::new_cuda(n).map_err(|e| {
+                // candle appends a backtrace under RUST_BACKTRACE; the first line is the cause.
+                let e = e.to_string();
+                let cause = e.lines().next().unwrap_or("unknown error");
+                anyhow::anyhow!(
+                    "device {s:?}: cannot open GPU {n}: {cause}; check nvidia-smi, or use --device cpu"
+                )
+            })
         }
     }
 }

@@ -67,17 +67,29 @@ pub fn test_tensor(cfg: &Config, split: &Split, dev: &Device) -> Result<Tensor> 
 pub fn evaluate(model: &Vae, x: &Tensor, batch: usize, seed: u64) -> Result<Totals> {
     let mut rng = StdRng::seed_from_u64(seed ^ EVAL_SALT);
     let n = x.dim(0)?;
-    let (mut recon, mut kl) = (0f64, 0f64);
+    // [recon, kl] summed in f64 on the device and read once at the end, so a GPU is not
+    // stopped after every batch.
+    let mut sums: Option<Tensor> = None;
     let mut i = 0;
     while i < n {
         let b = batch.min(n - i);
         let xb = x.narrow(0, i, b)?;
         let eps = normal(&mut rng, b, model.cfg.latent, x.device())?;
         let (r, k) = model.neg_elbo_terms(&xb, &eps)?;
-        recon += r.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        kl += k.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let s = Tensor::stack(&[r.sum_all()?, k.sum_all()?], 0)?.to_dtype(DType::F64)?;
+        sums = Some(match sums {
+            Some(a) => (a + s)?,
+            None => s,
+        });
         i += b;
     }
+    let (recon, kl) = match sums {
+        Some(s) => {
+            let v = s.to_vec1::<f64>()?;
+            (v[0], v[1])
+        }
+        None => (0.0, 0.0),
+    };
     Ok(Totals {
         n,
         recon: recon / n as f64,

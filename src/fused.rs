@@ -727,6 +727,7 @@ impl Fused {
         let th = &mut theta;
 
         // Encoder: a_i = h_{i-1} W_i + b_i, h_i = act(a_i).
+        let mut t0 = std::time::Instant::now();
         forward_layers(&self.enc, &w.x, &mut w.enc_a, &mut w.enc_h, th, b, act);
         // Heads: [mu | logvar] = h_L W_head + b_head, (B, 2Z).
         let hl = self.head;
@@ -743,6 +744,7 @@ impl Fused {
         );
         // Reparameterize, and the KL 1/2 sum(mu^2 + sigma^2 - logvar - 1).
         let hb = &th[hl.b..hl.b + 2 * z];
+        prof_tick(&mut t0, 0);
         let kl = simd!({
             let mut kl = 0f64;
             w.kl_dim.fill(0.0);
@@ -765,6 +767,7 @@ impl Fused {
             kl
         });
         // Decoder.
+        prof_tick(&mut t0, 1);
         forward_layers(&self.dec, &w.z, &mut w.dec_a, &mut w.dec_h, th, b, act);
         let lo = self.out;
         let last = &w.dec_h[self.dec.len() - 1];
@@ -781,6 +784,7 @@ impl Fused {
 
         // Reconstruction NLL and its gradient d_out, in one pass over (B, D).
         let ob = &th[lo.b..lo.b + dim];
+        prof_tick(&mut t0, 2);
         let recon = match (self.cfg.decoder, self.dec_lv) {
             (DecoderKind::Bernoulli, _) => {
                 // Rows split between the two threads: (B, D) exps are the step's largest
@@ -833,23 +837,30 @@ impl Fused {
             }
         };
 
+        prof_tick(&mut t0, 3);
         // Back through the output layer: dW = h^T d_out, db = colsum, dh = d_out W^T.
         {
             let last = &w.dec_h[self.dec.len() - 1][..b * lo.n_in];
             let d_out = &w.d_out[..b * dim];
             let (g_w, g_b) = g[lo.w..lo.b + dim].split_at_mut(lo.b - lo.w);
             let (d1, w_out) = (&mut w.d1, &th[lo.w..lo.b]);
+            prof_tick(&mut t0, 4);
             matmul(g_w, last, d_out, lo.n_in, dim, b, true, false);
+            prof_tick(&mut t0, 5);
             col_sums(g_b, d_out, dim);
             // dh^T (H, B) = W (H, D) d_out^T: gemm runs this orientation ~1.5x faster than
             // dh = d_out W^T; the transpose back is 1/800 of the product's work.
             let dht = &mut w.d2[..lo.n_in * b];
+            prof_tick(&mut t0, 6);
             matmul(dht, w_out, d_out, lo.n_in, b, dim, false, true);
+            prof_tick(&mut t0, 7);
             transpose(&mut d1[..b * lo.n_in], dht, lo.n_in, b);
+            prof_tick(&mut t0, 8);
         }
         // The output layer's Adam step (and the learned decoder log-variance's, stored after it)
         // on one thread, while the other goes on down the decoder and the heads, whose
         // products are too small to share.
+        prof_tick(&mut t0, 9);
         let (th_lo, th_hi) = th.split_at_mut(lo.w);
         let (g_lo, g_hi) = g.split_at_mut(lo.w);
         let (m_lo, m_hi) = m.split_at_mut(lo.w);
@@ -935,6 +946,7 @@ impl Fused {
                 adam_range(&adam, th, m, v, g, hl.w, hl.b + 2 * z);
             },
         );
+        prof_tick(&mut t0, 10);
         // Encoder layers, last to first.
         for (i, l) in self.enc.iter().enumerate().rev() {
             let n = b * l.n_out;
@@ -966,6 +978,7 @@ impl Fused {
             }
             adam_range(&adam, th, m, v, g, l.w, l.b + l.n_out);
         }
+        prof_tick(&mut t0, 11);
         self.theta = theta;
         (recon, kl)
     }
@@ -1361,4 +1374,11 @@ mod tests {
         }
         assert_eq!(f.adam_state().unwrap().len(), opt.state().len());
     }
+}
+
+pub static PROF: std::sync::Mutex<[f64; 12]> = std::sync::Mutex::new([0.0; 12]);
+fn prof_tick(t0: &mut std::time::Instant, i: usize) {
+    let now = std::time::Instant::now();
+    PROF.lock().unwrap()[i] += (now - *t0).as_secs_f64();
+    *t0 = now;
 }

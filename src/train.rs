@@ -148,7 +148,23 @@ pub enum Engine {
     /// The hand-written CPU step of `fused`, with the training set on the host.
     Fused { f: Box<Fused>, pixels: Vec<f32> },
     /// Candle autograd, with the training set as one (N, D) tensor on the device.
-    Autograd { t: Trainer, x: Tensor },
+    Autograd {
+        t: Trainer,
+        x: Tensor,
+        epoch: Option<EpochDraws>,
+    },
+}
+
+/// One epoch's batch order and noise, uploaded once (`Engine::begin_epoch`), so that a step on
+/// the device reads its images and eps by `narrow` and uploads nothing.
+pub struct EpochDraws {
+    /// The remaining image indices of the epoch, in order, (n,) u32.
+    order: Tensor,
+    /// Their eps, one block of (B S, Z) rows per batch, end to end.
+    eps: Tensor,
+    /// How far the steps have read into `order` and `eps` (rows).
+    at: usize,
+    eps_at: usize,
 }
 
 impl Engine {
@@ -194,8 +210,36 @@ impl Engine {
             Ok(Engine::Autograd {
                 t: Trainer::new(cfg, dim, params, dev)?,
                 x,
+                epoch: None,
             })
         }
+    }
+
+    /// Before an epoch's steps: the autograd engine uploads the images `order` of the steps to
+    /// come and draws all their eps now, in the order the steps would (without dynamic
+    /// binarization, whose per-pixel uniforms come between the steps' eps and stay per step).
+    /// The draws are the same numbers either way; this keeps uploads out of the steps.
+    pub fn begin_epoch(
+        &mut self,
+        order: &[u32],
+        dynamic: bool,
+        noise_rows_per_image: usize,
+        latent: usize,
+        rng: &mut StdRng,
+    ) -> Result<()> {
+        if let Engine::Autograd { x, epoch, .. } = self {
+            *epoch = None;
+            if !dynamic && !order.is_empty() {
+                let dev = x.device();
+                *epoch = Some(EpochDraws {
+                    order: Tensor::from_slice(order, order.len(), dev)?,
+                    eps: eval::normal(rng, order.len() * noise_rows_per_image, latent, dev)?,
+                    at: 0,
+                    eps_at: 0,
+                });
+            }
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &'static str {
@@ -237,7 +281,20 @@ impl Engine {
                 let (r, k) = f.step(b)?;
                 Ok(Sums::Host(r, k))
             }
-            Engine::Autograd { t, x } => {
+            Engine::Autograd {
+                t,
+                x,
+                epoch: Some(e),
+            } => {
+                // The epoch's draws are on the device already (not with dynamic binarization).
+                let it = e.order.narrow(0, e.at, b)?;
+                let rows = b * o.samples;
+                let eps = e.eps.narrow(0, e.eps_at, rows)?;
+                (e.at, e.eps_at) = (e.at + b, e.eps_at + rows);
+                let xb = x.index_select(&it, 0)?;
+                Ok(Sums::Device(t.step(&xb, &eps, o)?))
+            }
+            Engine::Autograd { t, x, epoch: None } => {
                 let dev = x.device().clone();
                 let dim = x.dim(1)?;
                 let it = Tensor::from_slice(idx, b, &dev)?;
@@ -556,6 +613,9 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
             (skip, host, seconds_before) = (p.batches, (p.recon_sum, p.kl_sum), p.seconds);
             bar.inc(skip as u64);
         }
+        let samples = objective(cfg, engine.steps(), steps_per_epoch).samples;
+        let rest = &order[(skip * bs).min(order.len())..];
+        engine.begin_epoch(rest, dynamic, samples, cfg.model.latent, &mut rng)?;
         for (k, chunk) in order.chunks(bs).enumerate().skip(skip) {
             let o = objective(cfg, engine.steps(), steps_per_epoch);
             match engine.step(chunk, dynamic, cfg.model.latent, &o, &mut rng)? {
