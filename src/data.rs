@@ -231,6 +231,15 @@ pub fn load_test(dir: &str, test_limit: usize) -> Result<Split> {
     Ok(test)
 }
 
+/// `binarize_in_place` on bytes: p = b / 255, and the drawn pixel is 255 or 0. The same draws
+/// from `rng` and the same outcomes as on `pixels_f32`.
+pub fn binarize_bytes_in_place(bytes: &mut [u8], rng: &mut impl Rng) {
+    for b in bytes.iter_mut() {
+        let u: f32 = rng.random();
+        *b = if u < *b as f32 / 255.0 { 255 } else { 0 };
+    }
+}
+
 /// Draws each pixel from Bernoulli(p) in place: 1 if u < p.
 pub fn binarize_in_place(pixels: &mut [f32], rng: &mut impl Rng) {
     for p in pixels.iter_mut() {
@@ -334,6 +343,29 @@ mod tests {
         w("t10k-labels-idx1-ubyte", idx(2049, &[1], &[1]));
         let d = load_dir(t.path().to_str().unwrap(), 0, 0).unwrap();
         assert_eq!(d.train.pixels_f32(), vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn byte_binarization_draws_as_the_f32_one() {
+        use rand::{rngs::StdRng, SeedableRng};
+        // Every byte value a few times; the two paths must consume the same draws and agree.
+        let bytes: Vec<u8> = (0..2048).map(|i| (i % 256) as u8).collect();
+        let split = Split {
+            images: bytes.clone(),
+            labels: vec![],
+            n: 1,
+            rows: 1,
+            cols: bytes.len(),
+        };
+        let mut f = split.pixels_f32();
+        binarize_in_place(&mut f, &mut StdRng::seed_from_u64(7));
+        let mut b = bytes;
+        binarize_bytes_in_place(&mut b, &mut StdRng::seed_from_u64(7));
+        let back: Vec<f32> = b.iter().map(|&v| v as f32 / 255.0).collect();
+        assert_eq!(back, f);
+        // 0 never turns on, 255 always does.
+        assert!(b.iter().step_by(256).all(|&v| v == 0));
+        assert!(b.iter().skip(255).step_by(256).all(|&v| v == 255));
     }
 
     #[test]
