@@ -79,30 +79,6 @@ fn main() -> anyhow::Result<()> {
         }
     }
     report("fused", times, n, bs);
-    let p = vae::fused::PROF.lock().unwrap();
-    let names = [
-        "enc fwd+head",
-        "kl",
-        "dec hid fwd+out mm",
-        "recon",
-        "(x)",
-        "dWout",
-        "colsum",
-        "dh^T",
-        "transp",
-        "-",
-        "outadam||dec/head bwd",
-        "enc bwd+adam",
-    ];
-    let tot: f64 = p.iter().sum();
-    for i in 0..12 {
-        println!(
-            "{:<24} {:.3} ms",
-            names[i],
-            p[i] * 1e3 / (steps + 20) as f64
-        );
-    }
-    println!("total {:.3} ms", tot * 1e3 / (steps + 20) as f64);
     if args.iter().any(|a| a == "--fused-only") {
         return Ok(());
     }

@@ -472,20 +472,6 @@ fn bernoulli_rows(out: &mut [f32], x: &[f32], d_out: &mut [f32], ob: &[f32]) -> 
     })
 }
 
-/// dst (cols, rows) = src (rows, cols)^T, row-major, in 16 x 16 tiles.
-fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
-    const T: usize = 16;
-    for r0 in (0..rows).step_by(T) {
-        for c0 in (0..cols).step_by(T) {
-            for r in r0..(r0 + T).min(rows) {
-                for c in c0..(c0 + T).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
-}
-
 /// Column sums of `d` (rows, n) into `out` (n).
 fn col_sums(out: &mut [f32], d: &[f32], n: usize) {
     simd!({
@@ -727,7 +713,6 @@ impl Fused {
         let th = &mut theta;
 
         // Encoder: a_i = h_{i-1} W_i + b_i, h_i = act(a_i).
-        let mut t0 = std::time::Instant::now();
         forward_layers(&self.enc, &w.x, &mut w.enc_a, &mut w.enc_h, th, b, act);
         // Heads: [mu | logvar] = h_L W_head + b_head, (B, 2Z).
         let hl = self.head;
@@ -744,7 +729,6 @@ impl Fused {
         );
         // Reparameterize, and the KL 1/2 sum(mu^2 + sigma^2 - logvar - 1).
         let hb = &th[hl.b..hl.b + 2 * z];
-        prof_tick(&mut t0, 0);
         let kl = simd!({
             let mut kl = 0f64;
             w.kl_dim.fill(0.0);
@@ -767,7 +751,6 @@ impl Fused {
             kl
         });
         // Decoder.
-        prof_tick(&mut t0, 1);
         forward_layers(&self.dec, &w.z, &mut w.dec_a, &mut w.dec_h, th, b, act);
         let lo = self.out;
         let last = &w.dec_h[self.dec.len() - 1];
@@ -784,7 +767,6 @@ impl Fused {
 
         // Reconstruction NLL and its gradient d_out, in one pass over (B, D).
         let ob = &th[lo.b..lo.b + dim];
-        prof_tick(&mut t0, 2);
         let recon = match (self.cfg.decoder, self.dec_lv) {
             (DecoderKind::Bernoulli, _) => {
                 // Rows split between the two threads: (B, D) exps are the step's largest
@@ -837,30 +819,21 @@ impl Fused {
             }
         };
 
-        prof_tick(&mut t0, 3);
         // Back through the output layer: dW = h^T d_out, db = colsum, dh = d_out W^T.
         {
             let last = &w.dec_h[self.dec.len() - 1][..b * lo.n_in];
             let d_out = &w.d_out[..b * dim];
             let (g_w, g_b) = g[lo.w..lo.b + dim].split_at_mut(lo.b - lo.w);
             let (d1, w_out) = (&mut w.d1, &th[lo.w..lo.b]);
-            prof_tick(&mut t0, 4);
             matmul(g_w, last, d_out, lo.n_in, dim, b, true, false);
-            prof_tick(&mut t0, 5);
             col_sums(g_b, d_out, dim);
-            // dh^T (H, B) = W (H, D) d_out^T: gemm runs this orientation ~1.5x faster than
-            // dh = d_out W^T; the transpose back is 1/800 of the product's work.
-            let dht = &mut w.d2[..lo.n_in * b];
-            prof_tick(&mut t0, 6);
-            matmul(dht, w_out, d_out, lo.n_in, b, dim, false, true);
-            prof_tick(&mut t0, 7);
-            transpose(&mut d1[..b * lo.n_in], dht, lo.n_in, b);
-            prof_tick(&mut t0, 8);
+            // dh (B, H) = d_out W^T, W read transposed in place. (gemm computes dh^T = W d_out^T
+            // 15% quicker, but transposing it back costs more than that saves.)
+            matmul(d1, d_out, w_out, b, lo.n_in, dim, false, true);
         }
         // The output layer's Adam step (and the learned decoder log-variance's, stored after it)
         // on one thread, while the other goes on down the decoder and the heads, whose
         // products are too small to share.
-        prof_tick(&mut t0, 9);
         let (th_lo, th_hi) = th.split_at_mut(lo.w);
         let (g_lo, g_hi) = g.split_at_mut(lo.w);
         let (m_lo, m_hi) = m.split_at_mut(lo.w);
@@ -946,7 +919,6 @@ impl Fused {
                 adam_range(&adam, th, m, v, g, hl.w, hl.b + 2 * z);
             },
         );
-        prof_tick(&mut t0, 10);
         // Encoder layers, last to first.
         for (i, l) in self.enc.iter().enumerate().rev() {
             let n = b * l.n_out;
@@ -978,7 +950,6 @@ impl Fused {
             }
             adam_range(&adam, th, m, v, g, l.w, l.b + l.n_out);
         }
-        prof_tick(&mut t0, 11);
         self.theta = theta;
         (recon, kl)
     }
@@ -1376,9 +1347,3 @@ mod tests {
     }
 }
 
-pub static PROF: std::sync::Mutex<[f64; 12]> = std::sync::Mutex::new([0.0; 12]);
-fn prof_tick(t0: &mut std::time::Instant, i: usize) {
-    let now = std::time::Instant::now();
-    PROF.lock().unwrap()[i] += (now - *t0).as_secs_f64();
-    *t0 = now;
-}
