@@ -37,8 +37,20 @@ impl Split {
 
     /// Pixels scaled to [0, 1]; shape (n, rows*cols) flattened.
     pub fn pixels_f32(&self) -> Vec<f32> {
-        self.images.iter().map(|&b| b as f32 / 255.0).collect()
+        to_pixels(&self.images)
     }
+}
+
+/// A byte's pixel value in [0, 1]: every conversion of bytes to pixels goes through this, so the
+/// training batches, the uploaded training set and the test set hold the same floats.
+#[inline]
+pub fn pixel(b: u8) -> f32 {
+    b as f32 / 255.0
+}
+
+/// `pixel` of each byte.
+pub fn to_pixels(bytes: &[u8]) -> Vec<f32> {
+    bytes.iter().map(|&b| pixel(b)).collect()
 }
 
 #[derive(Debug, Clone)]
@@ -236,7 +248,7 @@ pub fn load_test(dir: &str, test_limit: usize) -> Result<Split> {
 pub fn binarize_bytes_in_place(bytes: &mut [u8], rng: &mut impl Rng) {
     for b in bytes.iter_mut() {
         let u: f32 = rng.random();
-        *b = if u < *b as f32 / 255.0 { 255 } else { 0 };
+        *b = if u < pixel(*b) { 255 } else { 0 };
     }
 }
 

@@ -780,14 +780,14 @@ impl Fused {
             (DecoderKind::Bernoulli, _) => {
                 // Rows split between the two threads: (B, D) exps are the step's largest
                 // elementwise cost.
-                let bce = |out: &mut [f32], x: &[f32], d_out: &mut [f32]| {
-                    bernoulli_rows(out, x, d_out, ob)
-                };
                 let h = b.div_ceil(2) * dim;
                 let (o1, o2) = w.out[..b * dim].split_at_mut(h);
                 let (x1, x2) = w.x[..b * dim].split_at(h);
                 let (d1, d2) = w.d_out[..b * dim].split_at_mut(h);
-                let (t1, t2) = rayon::join(|| bce(o1, x1, d1), || bce(o2, x2, d2));
+                let (t1, t2) = rayon::join(
+                    || bernoulli_rows(o1, x1, d1, ob),
+                    || bernoulli_rows(o2, x2, d2, ob),
+                );
                 t1 + t2
             }
             (DecoderKind::Gaussian, lv_off) => {
@@ -1157,12 +1157,29 @@ mod tests {
         (params, x, eps)
     }
 
+    /// The candle model on `params` (through a VarMap, for autograd) and the batch and noise as
+    /// tensors: the side the fused step is checked against.
+    fn candle_side(
+        cfg: &ModelConfig,
+        dim: usize,
+        b: usize,
+        params: &HashMap<String, Tensor>,
+        x: &[f32],
+        eps: &[f32],
+    ) -> (candle_nn::VarMap, Vae, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let vm = model::varmap_from(params.clone()).unwrap();
+        let m = Vae::new(cfg, dim, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let xt = Tensor::from_vec(x.to_vec(), (b, dim), &dev).unwrap();
+        let et = Tensor::from_vec(eps.to_vec(), (b, cfg.latent), &dev).unwrap();
+        (vm, m, xt, et)
+    }
+
     /// The same with a KL weight, and with free bits at the median of the dimensions' batch-mean
     /// KL (so some dimensions are under it and some are not): the gradients of
     /// `Vae::training_loss`.
     fn check_with(cfg: ModelConfig, kl_weight: f64, median_free_bits: bool) {
         let (dim, b) = (12, 5);
-        let dev = Device::Cpu;
         let (params, x, eps) = fixture(&cfg, dim, b, 3);
         let adam = AdamConfig {
             lr: 1e-2,
@@ -1172,10 +1189,7 @@ mod tests {
             weight_decay: 0.01,
         };
 
-        let vm = model::varmap_from(params.clone()).unwrap();
-        let m = Vae::new(&cfg, dim, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
-        let xt = Tensor::from_vec(x.clone(), (b, dim), &dev).unwrap();
-        let et = Tensor::from_vec(eps.clone(), (b, cfg.latent), &dev).unwrap();
+        let (vm, m, xt, et) = candle_side(&cfg, dim, b, &params, &x, &eps);
         let free_bits = if median_free_bits {
             let dims = m.samples(&xt, &et, 1).unwrap().kl_dims.unwrap();
             let mut v = dims.mean(0).unwrap().to_vec1::<f32>().unwrap();
@@ -1348,7 +1362,6 @@ mod tests {
             ..Default::default()
         };
         let (dim, b) = (9, 4);
-        let dev = Device::Cpu;
         let (params, x, eps) = fixture(&cfg, dim, b, 5);
         let ac = AdamConfig {
             lr: 1e-2,
@@ -1357,12 +1370,9 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        let vm = model::varmap_from(params.clone()).unwrap();
-        let m = Vae::new(&cfg, dim, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let (vm, m, xt, et) = candle_side(&cfg, dim, b, &params, &x, &eps);
         let mut opt = crate::optim::Adam::new(&vm, ac).unwrap();
         let mut f = Fused::new(&cfg, dim, &params, ac, b).unwrap();
-        let xt = Tensor::from_vec(x.clone(), (b, dim), &dev).unwrap();
-        let et = Tensor::from_vec(eps.clone(), (b, cfg.latent), &dev).unwrap();
         for _ in 0..3 {
             let (r, k) = m.neg_elbo_terms(&xt, &et).unwrap();
             opt.step(

@@ -119,18 +119,18 @@ fn encoder(out: &mut Vec<u8>) -> PngEncoder<&mut Vec<u8>> {
 
 /// PNG bytes of 8-bit grey pixels.
 pub fn png_gray(px: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    encoder(&mut out)
-        .write_image(px, width, height, ExtendedColorType::L8)
-        .context("encoding PNG")?;
-    Ok(out)
+    png(px, width, height, ExtendedColorType::L8)
 }
 
 /// PNG bytes of 8-bit RGB pixels.
 pub fn png_rgb(px: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
+    png(px, width, height, ExtendedColorType::Rgb8)
+}
+
+fn png(px: &[u8], width: u32, height: u32, color: ExtendedColorType) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     encoder(&mut out)
-        .write_image(px, width, height, ExtendedColorType::Rgb8)
+        .write_image(px, width, height, color)
         .context("encoding PNG")?;
     Ok(out)
 }

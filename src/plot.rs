@@ -88,28 +88,21 @@ pub fn curves(points: &[Point], title: &str) -> Result<Vec<u8>> {
                 .filter_map(|p| p.train.map(|t| (p.epoch, t[k])))
                 .collect();
             let test: Vec<(f64, f64)> = shown.iter().map(|p| (p.epoch, p.test[k])).collect();
-            let blue = RGBColor(31, 119, 180);
-            let orange = RGBColor(255, 127, 14);
-            chart
-                .draw_series(LineSeries::new(train.clone(), blue.stroke_width(2)))
-                .map_err(err)?
-                .label("train")
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], blue.stroke_width(2))
-                });
-            chart
-                .draw_series(train.iter().map(|&p| Circle::new(p, 3, blue.filled())))
-                .map_err(err)?;
-            chart
-                .draw_series(LineSeries::new(test.clone(), orange.stroke_width(2)))
-                .map_err(err)?
-                .label("test")
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], orange.stroke_width(2))
-                });
-            chart
-                .draw_series(test.iter().map(|&p| Circle::new(p, 3, orange.filled())))
-                .map_err(err)?;
+            for (label, points, colour) in [
+                ("train", train, RGBColor(31, 119, 180)),
+                ("test", test, RGBColor(255, 127, 14)),
+            ] {
+                chart
+                    .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
+                    .map_err(err)?
+                    .label(label)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+                    });
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                    .map_err(err)?;
+            }
             // -ELBO and reconstruction fall, KL usually rises: keep the legend off the lines.
             let corner = if k == 2 {
                 SeriesLabelPosition::LowerRight

@@ -163,9 +163,8 @@ pub struct EpochDraws {
     order: Tensor,
     /// Their eps, one block of (B S, Z) rows per batch, end to end.
     eps: Tensor,
-    /// How far the steps have read into `order` and `eps` (rows).
+    /// How many images of `order` the steps have read; their eps are the first `at * S` rows.
     at: usize,
-    eps_at: usize,
 }
 
 impl Engine {
@@ -207,9 +206,7 @@ impl Engine {
             })
         } else {
             let n = bytes.len() / dim;
-            let pixels: Vec<f32> = bytes.iter().map(|&b| b as f32 / 255.0).collect();
-            drop(bytes);
-            let x = Tensor::from_vec(pixels, (n, dim), dev)?;
+            let x = Tensor::from_vec(data::to_pixels(&bytes), (n, dim), dev)?;
             Ok(Engine::Autograd {
                 t: Trainer::new(cfg, dim, params, dev)?,
                 x,
@@ -238,7 +235,6 @@ impl Engine {
                     order: Tensor::from_slice(order, order.len(), dev)?,
                     eps: eval::normal(rng, order.len() * noise_rows_per_image, latent, dev)?,
                     at: 0,
-                    eps_at: 0,
                 });
             }
         }
@@ -270,9 +266,8 @@ impl Engine {
                 let dim = x.len() / b;
                 for (row, &i) in x.chunks_exact_mut(dim).zip(idx) {
                     let i = i as usize;
-                    // The same f32 as `Split::pixels_f32`.
                     for (v, &p) in row.iter_mut().zip(&bytes[i * dim..(i + 1) * dim]) {
-                        *v = p as f32 / 255.0;
+                        *v = data::pixel(p);
                     }
                 }
                 if dynamic {
@@ -294,9 +289,8 @@ impl Engine {
             } => {
                 // The epoch's draws are on the device already (not with dynamic binarization).
                 let it = e.order.narrow(0, e.at, b)?;
-                let rows = b * o.samples;
-                let eps = e.eps.narrow(0, e.eps_at, rows)?;
-                (e.at, e.eps_at) = (e.at + b, e.eps_at + rows);
+                let eps = e.eps.narrow(0, e.at * o.samples, b * o.samples)?;
+                e.at += b;
                 let xb = x.index_select(&it, 0)?;
                 Ok(Sums::Device(t.step(&xb, &eps, o)?))
             }

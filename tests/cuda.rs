@@ -39,27 +39,17 @@ fn gpu_training_matches_cpu() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let d = format!("data.dir={}", data_dir());
     let train = |device: &str, engine: &str, name: &str| {
-        let (set_e, set_n) = (format!("train.engine={engine}"), format!("name={name}"));
-        ok(
-            t.path(),
-            &[
-                "train",
-                "-c",
-                "tiny.toml",
-                "-q",
-                "--device",
-                device,
-                "--set",
-                &d,
-                "--set",
-                &set_e,
-                "--set",
-                &set_n,
-            ],
+        let (engine, run) = (
+            format!("train.engine={engine}"),
+            t.path().join("runs").join(name),
         );
-        final_nelbo(&t.path().join("runs").join(name))
+        let r = run.display().to_string();
+        tiny(
+            t.path(),
+            &["--device", device, "--set", &engine, "--run", &r],
+        );
+        final_nelbo(&run)
     };
     let gpu = train("cuda", "auto", "gpu");
     let cpu_autograd = train("cpu", "autograd", "cpu-autograd");
