@@ -9,8 +9,8 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use std::time::Instant;
 use vae::config::Config;
-use vae::fused::Fused;
 use vae::optim::AdamConfig;
+use vae::step::Fused;
 use vae::train::Trainer;
 use vae::{data, model};
 
@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
         eps: 1e-8,
         weight_decay: 0.0,
     };
-    let mut f = Fused::new(&cfg.model, dim, &params, adam, bs)?;
+    let mut f = Fused::new(&cfg, dim, &params, adam, bs)?;
     let mut times = Vec::new();
     for i in 0..steps + 20 {
         let t = Instant::now();

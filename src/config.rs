@@ -134,7 +134,7 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
-    /// The fused CPU step on the CPU when it implements the model, else autograd.
+    /// The fused CPU step on the CPU, candle autograd on a GPU.
     Auto,
     /// The hand-written CPU step (`fused`): the fast path.
     Fused,

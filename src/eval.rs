@@ -142,6 +142,24 @@ pub fn iw_nll(model: &Vae, x: &Tensor, k: usize, seed: u64) -> Result<f64> {
     Ok(total / n as f64)
 }
 
+/// A progress bar on stderr when it is a terminal, else a hidden one.
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} images, eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    b.set_prefix(what.to_string());
+    b
+}
+
 /// A trained run, opened: its directory, config, progress and model.
 pub struct Loaded {
     pub dir: PathBuf,
@@ -214,7 +232,25 @@ pub fn run_eval(
     let (run_dir, state) = (&l.dir, Some(&l.state));
     let iw_value = if iw > 0 {
         let t0 = std::time::Instant::now();
-        let v = iw_nll(&l.model, &x, iw, l.cfg.seed)?;
+        let v = if matches!(l.dev, Device::Cpu) {
+            // The fused forward, one worker per group of images.
+            let params = run::load_tensors(&l.dir.join(run::MODEL_FILE), &Device::Cpu)?;
+            let px = test_pixels(&l.cfg, &test);
+            let bar = progress_bar(test.n as u64, "IW estimate");
+            let per = crate::step::iw::neg_log_likelihood(
+                &l.cfg.model,
+                l.dim(),
+                &params,
+                &px,
+                iw,
+                l.cfg.seed,
+                &|k| bar.inc(k as u64),
+            )?;
+            bar.finish_and_clear();
+            crate::step::iw::mean_and_se(&per)
+        } else {
+            (iw_nll(&l.model, &x, iw, l.cfg.seed)?, f64::NAN)
+        };
         eprintln!(
             "importance-weighted estimate with K = {iw}: {:.1} s",
             t0.elapsed().as_secs_f64()
@@ -232,7 +268,8 @@ pub fn run_eval(
             "recon": t.recon,
             "kl": t.kl,
             "iw_samples": if iw > 0 { Some(iw) } else { None },
-            "iw_nll": iw_value,
+            "iw_nll": iw_value.map(|v| v.0),
+            "iw_se": iw_value.map(|v| v.1).filter(|v| v.is_finite()),
             "model": if l.model.is_ae() { "ae" } else { "vae" },
             "units": "nats per example",
         });
@@ -259,8 +296,13 @@ pub fn run_eval(
                 t.n
             );
         }
-        if let Some(v) = iw_value {
-            println!("importance-weighted -log p(x) ~ {v:.2} nats (K = {iw}; an upper bound on the true -log p(x), tighter than the -ELBO)");
+        if let Some((v, se)) = iw_value {
+            let se = if se.is_finite() {
+                format!(" +- {se:.2} (standard error over images)")
+            } else {
+                String::new()
+            };
+            println!("importance-weighted -log p(x) ~ {v:.2}{se} nats (K = {iw}; an upper bound on the true -log p(x), tighter than the -ELBO)");
         }
     }
     Ok(())

@@ -10,12 +10,12 @@ use crate::config::{Binarize, Config, EngineKind};
 use crate::data;
 use crate::device;
 use crate::eval::{self, Loaded, Totals};
-use crate::fused::{self, Fused};
 use crate::interrupt;
 use crate::model::{self, Objective, Vae};
 use crate::optim::{Adam, AdamConfig};
 use crate::pictures;
 use crate::run::{self, Partial, State};
+use crate::step::Fused;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -177,29 +177,17 @@ impl Engine {
     ) -> Result<Self> {
         let cpu = matches!(dev, Device::Cpu);
         let fused = match cfg.train.engine {
-            EngineKind::Auto => cpu && fused::supports(cfg),
+            EngineKind::Auto => cpu,
             EngineKind::Fused => {
                 if !cpu {
                     bail!("key `train.engine`: \"fused\" runs on the CPU only; use \"auto\" or --device cpu");
-                }
-                if !fused::supports(cfg) {
-                    bail!(
-                        "key `train.engine`: \"fused\" implements the VAE with one sample of z and no \
-                         flows, without GELU; use \"auto\" for this config"
-                    );
                 }
                 true
             }
             EngineKind::Autograd => false,
         };
         if fused {
-            let f = Fused::new(
-                &cfg.model,
-                dim,
-                &params,
-                adam_config(cfg),
-                cfg.train.batch_size,
-            )?;
+            let f = Fused::new(cfg, dim, &params, adam_config(cfg), cfg.train.batch_size)?;
             Ok(Engine::Fused {
                 f: Box::new(f),
                 bytes,

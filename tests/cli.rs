@@ -147,12 +147,18 @@ fn bad_input_is_one_clear_line() {
 }
 
 /// A run stopped after epoch 1 and resumed ends with the same weights, moments and metrics as one
-/// that never stopped (same seed, same device), on both engines.
+/// that never stopped (same seed, same device), on both engines, and on the fused step with
+/// several importance samples and flows (whose noise is S rows per image).
 #[test]
 fn resume_matches_an_unbroken_run() {
-    for engine in ["fused", "autograd"] {
+    let k_samples = ["--set", "train.iw_samples=3", "--set", "model.flows=2"];
+    for (engine, extra) in [
+        ("fused", &[][..]),
+        ("autograd", &[][..]),
+        ("fused", &k_samples[..]),
+    ] {
         let e = format!("train.engine={engine}");
-        let common = [
+        let mut common = vec![
             "--set",
             e.as_str(),
             "--set",
@@ -160,6 +166,7 @@ fn resume_matches_an_unbroken_run() {
             "--set",
             "data.limit=200",
         ];
+        common.extend_from_slice(extra);
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let mut args = common.to_vec();
         args.extend(["--set", "train.epochs=3"]);

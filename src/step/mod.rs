@@ -1,0 +1,893 @@
+//! The fused CPU training step, in the manner of llm.c's train_gpt2.c: the model, objectives and
+//! Adam of `model`, `loss` and `optim` written out by hand as forward / backward pairs on plain
+//! preallocated buffers, one file per layer kind, with the products on `gemm`.
+//!
+//! - `math`: matrix products and vector math (exp, tanh, softplus, log-sum-exp);
+//! - `linear`: the dense layer and its activation;
+//! - `latent`: q(z|x), z = mu + sigma eps with S samples per image, the closed-form KL;
+//! - `planar`: a planar flow step (Rezende & Mohamed 2015);
+//! - `likelihood`: Bernoulli and Gaussian p(x|z);
+//! - `objective`: ELBO / Monte-Carlo mean, the IWAE bound (Burda et al. 2015), free bits;
+//! - `adam`: the optimizer;
+//! - `iw`: the importance-weighted -log p(x) estimate on the same forward.
+//!
+//! This file lays the parameters out in one flat buffer (`Net`) and runs the pairs in order
+//! (`Fused::step`). A step over B images and S samples runs the encoder on B rows and the flows
+//! and decoder on B S rows as one product each (never S small ones). Each layer's Adam update
+//! runs as soon as its gradient is final, while its buffers are in cache; the output layer's
+//! runs on one core beside the rest of the backward on the other.
+//!
+//! Layout: W (in, out) row-major, the transpose of the checkpoint's (out, in). The encoder's heads
+//! are one (H, Hc) matrix: mu columns, then logvar, then an amortized flow's K (2Z + 1)
+//! parameters. Order in `theta`: encoder layers, head, global flows, decoder layers, output
+//! layer, learned decoder log-variance, so that everything before the output layer is updated
+//! by one worker and the rest by the other.
+//!
+//! `tests::matches_autograd` checks every family's loss and gradients against candle's autograd.
+
+pub mod adam;
+pub mod iw;
+pub mod latent;
+pub mod likelihood;
+pub mod linear;
+pub mod math;
+pub mod objective;
+pub mod planar;
+
+use crate::config::{Config, DecoderKind, FlowParams, ModelConfig, ModelKind};
+use crate::model::MIN_LOGVAR;
+use crate::optim::AdamConfig;
+use adam::{adam_range, AdamStep, Moments};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use latent::Dims;
+use linear::Lin;
+use objective::Kind;
+use std::collections::HashMap;
+
+/// The parameter layout of a model in one flat buffer.
+#[derive(Debug, Clone)]
+pub struct Net {
+    pub cfg: ModelConfig,
+    pub dim: usize,
+    enc: Vec<Lin>,
+    /// (H, Hc): mu, logvar (VAE), amortized flow parameters.
+    head: Lin,
+    /// Global flows' (u, w, b) per step, K (2Z + 1) values from this offset.
+    global_flows: Option<usize>,
+    dec: Vec<Lin>,
+    out: Lin,
+    /// Learned decoder log-variance (D) offset, if any.
+    dec_lv: Option<usize>,
+    size: usize,
+}
+
+impl Net {
+    pub fn new(cfg: &ModelConfig, dim: usize) -> Self {
+        let mut size = 0usize;
+        let mut lin = |n_in: usize, n_out: usize| {
+            let l = Lin {
+                w: size,
+                b: size + n_in * n_out,
+                n_in,
+                n_out,
+            };
+            size += n_in * n_out + n_out;
+            l
+        };
+        let z = cfg.latent;
+        let mut enc = Vec::new();
+        let mut prev = dim;
+        for &h in &cfg.hidden {
+            enc.push(lin(prev, h));
+            prev = h;
+        }
+        let amortized = if cfg.flow_params == FlowParams::Amortized {
+            cfg.flows * (2 * z + 1)
+        } else {
+            0
+        };
+        let hc = match cfg.kind {
+            ModelKind::Vae => 2 * z + amortized,
+            ModelKind::Ae => z,
+        };
+        let head = lin(prev, hc);
+        let global_flows = if cfg.flows > 0 && cfg.flow_params == FlowParams::Global {
+            size += cfg.flows * (2 * z + 1);
+            Some(size - cfg.flows * (2 * z + 1))
+        } else {
+            None
+        };
+        let mut lin = |n_in: usize, n_out: usize| {
+            let l = Lin {
+                w: size,
+                b: size + n_in * n_out,
+                n_in,
+                n_out,
+            };
+            size += n_in * n_out + n_out;
+            l
+        };
+        let mut dec = Vec::new();
+        let mut prev = z;
+        for &h in cfg.hidden.iter().rev() {
+            dec.push(lin(prev, h));
+            prev = h;
+        }
+        let out = lin(prev, dim);
+        let dec_lv = if cfg.decoder == DecoderKind::Gaussian && cfg.learn_sigma {
+            size += dim;
+            Some(size - dim)
+        } else {
+            None
+        };
+        Net {
+            cfg: cfg.clone(),
+            dim,
+            enc,
+            head,
+            global_flows,
+            dec,
+            out,
+            dec_lv,
+            size,
+        }
+    }
+
+    /// Parameters in all.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    fn hc(&self) -> usize {
+        self.head.n_out
+    }
+
+    fn is_ae(&self) -> bool {
+        self.cfg.kind == ModelKind::Ae
+    }
+
+    /// Where flow step k's parameter rows are, in the head product (amortized) or in theta.
+    fn flow_params(&self, k: usize, b: usize, s: usize) -> planar::Params {
+        let (z, per_step) = (self.cfg.latent, 2 * self.cfg.latent + 1);
+        match self.global_flows {
+            Some(off) => planar::Params {
+                off: off + k * per_step,
+                stride: 0,
+                n: 1,
+                per: b * s,
+            },
+            None => planar::Params {
+                off: 2 * z + k * per_step,
+                stride: self.hc(),
+                n: b,
+                per: s,
+            },
+        }
+    }
+
+    /// The forward pass through the decoder's output product (its bias not yet added) for `b`
+    /// images of `w.x` and `s` samples each of `w.eps`. Leaves per sample row
+    /// `w.lq` = log q(z_K|x) - log p(z_K) (the ln 2 pi terms cancel), per image `w.kl_img`, and
+    /// per dimension the batch's `w.kl_dim`; returns the batch's summed closed-form KL.
+    fn forward(&self, th: &[f32], w: &mut Work, b: usize, s: usize) -> f64 {
+        let (z, act, par, rows) = (self.cfg.latent, self.cfg.activation, w.par, b * s);
+        linear::mlp_forward(&self.enc, &w.x, &mut w.enc_a, &mut w.enc_h, th, b, act, par);
+        let top = &w.enc_h[self.enc.len() - 1];
+        linear::linear_forward(&mut w.hd, top, th, self.head, b, par);
+        let hb = &th[self.head.b..self.head.end()];
+        let d = Dims {
+            b,
+            s,
+            z,
+            hc: self.hc(),
+        };
+        let kl = if self.is_ae() {
+            latent::identity_forward(&mut w.hd, hb, &mut w.zs[0], b, z);
+            w.lq[..rows].fill(0.0);
+            0.0
+        } else {
+            latent::gaussian_forward(
+                &mut w.hd,
+                hb,
+                &w.eps,
+                &mut w.sigma,
+                &mut w.zs[0],
+                &mut w.lq,
+                &mut w.kl_img,
+                &mut w.kl_dim,
+                d,
+            )
+        };
+        for k in 0..self.cfg.flows {
+            let (zin, zout) = w.zs.split_at_mut(k + 1);
+            let p = self.flow_params(k, b, s);
+            let buf: &[f32] = if self.global_flows.is_some() {
+                th
+            } else {
+                &w.hd
+            };
+            planar::planar_forward(
+                &zin[k],
+                &mut zout[0],
+                buf,
+                p,
+                z,
+                w.flow.cache(k, p.n, rows, z),
+                &mut w.lq,
+            );
+        }
+        // log p(z_K) = -1/2 |z_K|^2 (+ the cancelled constant).
+        let zk = &w.zs[self.cfg.flows];
+        if !self.is_ae() {
+            for r in 0..rows {
+                let v = &zk[r * z..(r + 1) * z];
+                w.lq[r] += 0.5 * v.iter().map(|t| t * t).sum::<f32>();
+            }
+        }
+        linear::mlp_forward(
+            &self.dec,
+            &w.zs[self.cfg.flows],
+            &mut w.dec_a,
+            &mut w.dec_h,
+            th,
+            rows,
+            act,
+            par,
+        );
+        let last = &w.dec_h[self.dec.len() - 1];
+        linear::linear_forward(&mut w.out, last, th, self.out, rows, par);
+        kl
+    }
+
+    /// Every checkpoint tensor: its name, shape, and where its k-th element (row-major) lives
+    /// in a flat buffer. A checkpoint weight (out, in) is read as the transpose of (in, out).
+    fn tensor_map(&self) -> Vec<Placed> {
+        let mut v: Vec<Placed> = Vec::new();
+        let mut lin = |name: String, l: Lin, col0: usize, cols: usize| {
+            let (w, n_out, n_in, b) = (l.w, l.n_out, l.n_in, l.b);
+            // Checkpoint element (o, i) at flat index o * n_in + i lives at w + i * n_out + col0 + o.
+            v.push((
+                format!("{name}.weight"),
+                vec![cols, n_in],
+                Box::new(move |k| w + (k % n_in) * n_out + col0 + k / n_in),
+            ));
+            v.push((
+                format!("{name}.bias"),
+                vec![cols],
+                Box::new(move |k| b + col0 + k),
+            ));
+        };
+        for (i, l) in self.enc.iter().enumerate() {
+            lin(format!("encoder.hidden.{i}"), *l, 0, l.n_out);
+        }
+        let z = self.cfg.latent;
+        lin("encoder.mu".into(), self.head, 0, z);
+        if !self.is_ae() {
+            lin("encoder.logvar".into(), self.head, z, z);
+            if self.cfg.flows > 0 && self.global_flows.is_none() {
+                lin("encoder.flow".into(), self.head, 2 * z, self.hc() - 2 * z);
+            }
+        }
+        for (i, l) in self.dec.iter().enumerate() {
+            lin(format!("decoder.hidden.{i}"), *l, 0, l.n_out);
+        }
+        lin("decoder.out".into(), self.out, 0, self.dim);
+        if let Some(off) = self.dec_lv {
+            v.push((
+                "decoder.logvar".into(),
+                vec![self.dim],
+                Box::new(move |k| off + k),
+            ));
+        }
+        if let Some(off) = self.global_flows {
+            for k in 0..self.cfg.flows {
+                let o = off + k * (2 * z + 1);
+                v.push((format!("flow.{k}.u"), vec![1, z], Box::new(move |i| o + i)));
+                v.push((
+                    format!("flow.{k}.w"),
+                    vec![1, z],
+                    Box::new(move |i| o + z + i),
+                ));
+                v.push((
+                    format!("flow.{k}.b"),
+                    vec![1, 1],
+                    Box::new(move |_| o + 2 * z),
+                ));
+            }
+        }
+        v
+    }
+
+    /// A flat buffer as checkpoint tensors (`model::param_specs` names).
+    pub fn export(&self, src: &[f32]) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, shape, at) in self.tensor_map() {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|k| src[at(k)]).collect();
+            out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        }
+        Ok(out)
+    }
+
+    /// Checkpoint tensors into a flat buffer; every tensor must be there with its shape.
+    pub fn import(&self, map: &HashMap<String, Tensor>, dst: &mut [f32]) -> Result<()> {
+        for (name, shape, at) in self.tensor_map() {
+            let t = map
+                .get(&name)
+                .with_context(|| format!("no tensor `{name}`"))?;
+            if t.dims() != shape.as_slice() {
+                bail!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                );
+            }
+            let data = t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            for (k, v) in data.into_iter().enumerate() {
+                dst[at(k)] = v;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A checkpoint tensor's name, shape, and where its k-th element (row-major) lives in a buffer.
+type Placed = (String, Vec<usize>, Box<dyn Fn(usize) -> usize>);
+
+/// The flows' kept values, all steps end to end: u^ (K, n, Z), m (K, n), tanh and det (K, rows).
+#[derive(Default)]
+struct FlowWork {
+    uh: Vec<f32>,
+    m: Vec<f32>,
+    h: Vec<f32>,
+    det: Vec<f32>,
+    /// Capacities per step: parameter rows and sample rows.
+    n_cap: usize,
+    rows_cap: usize,
+}
+
+impl FlowWork {
+    fn new(flows: usize, n_cap: usize, rows_cap: usize, z: usize) -> Self {
+        FlowWork {
+            uh: vec![0.0; flows * n_cap * z],
+            m: vec![0.0; flows * n_cap],
+            h: vec![0.0; flows * rows_cap],
+            det: vec![0.0; flows * rows_cap],
+            n_cap,
+            rows_cap,
+        }
+    }
+
+    fn cache(&mut self, k: usize, n: usize, rows: usize, z: usize) -> planar::Cache<'_> {
+        let (nc, rc) = (self.n_cap, self.rows_cap);
+        planar::Cache {
+            uh: &mut self.uh[k * nc * z..(k * nc + n) * z],
+            m: &mut self.m[k * nc..k * nc + n],
+            h: &mut self.h[k * rc..k * rc + rows],
+            det: &mut self.det[k * rc..k * rc + rows],
+        }
+    }
+}
+
+/// Per-batch buffers, sized for `cap` images of `s` samples each.
+pub struct Work {
+    cap: usize,
+    s: usize,
+    /// Whether products may use both workers (training), or stay on this thread (the IW
+    /// estimate runs one `Work` per worker).
+    par: bool,
+    /// Images (B, D) and noise (B S, Z).
+    x: Vec<f32>,
+    eps: Vec<f32>,
+    /// Encoder pre-activations and activations, one pair per hidden layer, (B, H_i).
+    enc_a: Vec<Vec<f32>>,
+    enc_h: Vec<Vec<f32>>,
+    /// The head's output (B, Hc), bias added.
+    hd: Vec<f32>,
+    sigma: Vec<f32>,
+    /// z before each flow step and after the last, (B S, Z) each.
+    zs: Vec<Vec<f32>>,
+    flow: FlowWork,
+    /// log q(z_K|x) - log p(z_K) per sample (B S).
+    lq: Vec<f32>,
+    kl_img: Vec<f32>,
+    /// Per latent dimension, the batch's summed KL; then the KL weights (free bits).
+    kl_dim: Vec<f32>,
+    ckl: Vec<f32>,
+    dec_a: Vec<Vec<f32>>,
+    dec_h: Vec<Vec<f32>>,
+    /// Decoder output (B S, D) and its gradient.
+    out: Vec<f32>,
+    d_out: Vec<f32>,
+    /// -log p(x|z) per sample, and each sample's weight on log q - log p in the loss.
+    nll: Vec<f32>,
+    cq: Vec<f32>,
+    /// Two scratch buffers for back-propagated activations, the widest layer wide.
+    d1: Vec<f32>,
+    d2: Vec<f32>,
+    d_hd: Vec<f32>,
+    /// Gaussian decoder: floored log-variance and its inverse (D), and the second worker's share
+    /// of the learned log-variance's gradient.
+    lv: Vec<f32>,
+    inv: Vec<f32>,
+    g_lv2: Vec<f32>,
+}
+
+impl Work {
+    pub fn new(net: &Net, cap: usize, s: usize, par: bool) -> Self {
+        let cfg = &net.cfg;
+        let (z, dim, rows) = (cfg.latent, net.dim, cap * s);
+        let widest = cfg.hidden.iter().copied().max().unwrap_or(0);
+        let flow_n = if net.global_flows.is_some() { 1 } else { cap };
+        let vecs = |n: usize, it: &mut dyn Iterator<Item = usize>| -> Vec<Vec<f32>> {
+            it.map(|h| vec![0.0; n * h]).collect()
+        };
+        Work {
+            cap,
+            s,
+            par,
+            x: vec![0.0; cap * dim],
+            eps: vec![0.0; rows * z],
+            enc_a: vecs(cap, &mut cfg.hidden.iter().copied()),
+            enc_h: vecs(cap, &mut cfg.hidden.iter().copied()),
+            hd: vec![0.0; cap * net.hc()],
+            sigma: vec![0.0; cap * z],
+            zs: (0..=cfg.flows).map(|_| vec![0.0; rows * z]).collect(),
+            flow: FlowWork::new(cfg.flows, flow_n, rows, z),
+            lq: vec![0.0; rows],
+            kl_img: vec![0.0; cap],
+            kl_dim: vec![0.0; z],
+            ckl: vec![0.0; z],
+            dec_a: vecs(rows, &mut cfg.hidden.iter().rev().copied()),
+            dec_h: vecs(rows, &mut cfg.hidden.iter().rev().copied()),
+            out: vec![0.0; rows * dim],
+            d_out: vec![0.0; rows * dim],
+            nll: vec![0.0; rows],
+            cq: vec![0.0; rows],
+            d1: vec![0.0; rows * widest.max(net.hc()).max(z)],
+            d2: vec![0.0; rows * widest.max(net.hc()).max(z)],
+            d_hd: vec![0.0; cap * net.hc()],
+            lv: vec![0.0; dim],
+            inv: vec![0.0; dim],
+            g_lv2: vec![0.0; dim],
+        }
+    }
+
+    /// Bytes held, for the memory check before a run.
+    pub fn bytes(net: &Net, cap: usize, s: usize) -> u128 {
+        let cfg = &net.cfg;
+        let (z, dim, rows) = (cfg.latent as u128, net.dim as u128, (cap * s) as u128);
+        let h: u128 = cfg.hidden.iter().map(|&h| h as u128).sum();
+        let widest = cfg.hidden.iter().copied().max().unwrap_or(0).max(net.hc()) as u128;
+        let floats = cap as u128 * (dim + 2 * h + 2 * net.hc() as u128 + z)
+            + rows * (z * (cfg.flows as u128 + 2) + 2 * h + 2 * dim + 2 * widest + 4);
+        floats * 4
+    }
+}
+
+/// The fused trainer: parameters, gradients, Adam moments and work buffers.
+pub struct Fused {
+    net: Net,
+    adam: AdamConfig,
+    theta: Vec<f32>,
+    grad: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    pub step: u64,
+    work: Work,
+    kind: Kind,
+    /// Weight on the KL term (beta times the warm-up ramp), free bits, and the learning rate for
+    /// the next step.
+    kl_weight: f32,
+    free_bits: f32,
+    lr: f64,
+}
+
+impl Fused {
+    /// Takes parameters in the checkpoint layout (`model::param_specs` names) and zero moments;
+    /// `cap` images per batch at most, with the config's samples per image.
+    pub fn new(
+        cfg: &Config,
+        dim: usize,
+        params: &HashMap<String, Tensor>,
+        adam: AdamConfig,
+        cap: usize,
+    ) -> Result<Self> {
+        let m = &cfg.model;
+        let t = &cfg.train;
+        let kind = if m.kind == ModelKind::Ae {
+            Kind::Ae
+        } else if t.iw_samples > 1 {
+            Kind::Iwae
+        } else {
+            Kind::Elbo
+        };
+        let s = t.mc_samples.max(t.iw_samples);
+        let net = Net::new(m, dim);
+        let size = net.size();
+        let work = Work::new(&net, cap, s, true);
+        let mut theta = vec![0.0; size];
+        net.import(params, &mut theta)?;
+        Ok(Fused {
+            net,
+            adam,
+            theta,
+            grad: vec![0.0; size],
+            m: vec![0.0; size],
+            v: vec![0.0; size],
+            step: 0,
+            work,
+            kind,
+            kl_weight: 1.0,
+            free_bits: 0.0,
+            lr: adam.lr,
+        })
+    }
+
+    /// Sets the KL weight (beta times the warm-up ramp) and the free bits (nats per dimension)
+    /// of the following steps. The returned -ELBO terms are unweighted whatever these are.
+    pub fn set_kl(&mut self, weight: f64, free_bits: f64) {
+        self.kl_weight = weight as f32;
+        self.free_bits = free_bits as f32;
+    }
+
+    /// Sets the learning rate of the following steps (a schedule's value).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    /// The batch capacity in images; `x_mut` and `eps_mut` hold `rows` images of it.
+    pub fn capacity(&self) -> usize {
+        self.work.cap
+    }
+
+    /// Samples of z per image.
+    pub fn samples(&self) -> usize {
+        self.work.s
+    }
+
+    /// The input images (rows, D) to fill before `step`.
+    pub fn x_mut(&mut self, rows: usize) -> &mut [f32] {
+        &mut self.work.x[..rows * self.net.dim]
+    }
+
+    /// The noise (rows S, Z), image-major, to fill before `step`.
+    pub fn eps_mut(&mut self, rows: usize) -> &mut [f32] {
+        &mut self.work.eps[..rows * self.work.s * self.net.cfg.latent]
+    }
+
+    /// Forward, backward and one Adam step on the first `rows` images of the work buffers.
+    /// Returns the batch's summed -ELBO terms (recon, kl) in nats, each image's averaged over
+    /// its samples (the true -ELBO: beta = 1, no free bits).
+    pub fn step(&mut self, rows: usize) -> Result<(f64, f64)> {
+        if rows == 0 || rows > self.work.cap {
+            bail!("batch of {rows} images for a buffer of {}", self.work.cap);
+        }
+        self.step += 1;
+        let a = AdamStep::new(&self.adam, self.step, self.lr);
+        // On a pool worker: the step's parallel products and joins then hand work to the other
+        // worker directly instead of each waking the pool from outside.
+        Ok(rayon::scope(|_| self.forward_backward(rows, Some(a))))
+    }
+
+    /// The loss pass over the decoder's output: each sample's -log p(x|z) and its gradient,
+    /// weighted by the objective; rows split by images between the two workers. Returns the
+    /// batch's summed reconstruction term (each image's mean over its samples).
+    fn loss_pass(&mut self, b: usize) -> f64 {
+        let (net, w, th) = (&self.net, &mut self.work, &self.theta);
+        let (s, dim) = (w.s, net.dim);
+        let iwae = self.kind == Kind::Iwae;
+        let ob = &th[net.out.b..net.out.end()];
+        let gaussian = net.cfg.decoder == DecoderKind::Gaussian;
+        if gaussian {
+            let learned = net.dec_lv.map(|o| &th[o..o + dim]);
+            let fixed = (2.0 * net.cfg.sigma.ln()) as f32;
+            likelihood::gaussian_prepare(&mut w.lv, &mut w.inv, learned, fixed, MIN_LOGVAR as f32);
+        }
+        // Half the images each, at an image boundary.
+        let h = b.div_ceil(2);
+        let (o1, o2) = w.out[..b * s * dim].split_at_mut(h * s * dim);
+        let (d1, d2) = w.d_out[..b * s * dim].split_at_mut(h * s * dim);
+        let (x1, x2) = w.x[..b * dim].split_at(h * dim);
+        let (n1, n2) = w.nll[..b * s].split_at_mut(h * s);
+        let (c1, c2) = w.cq[..b * s].split_at_mut(h * s);
+        let (q1, q2) = w.lq[..b * s].split_at(h * s);
+        let (lv, inv) = (&w.lv, &w.inv);
+        let g_lv2 = &mut w.g_lv2;
+        let g_lv1: &mut [f32] = match net.dec_lv {
+            Some(o) => &mut self.grad[o..o + dim],
+            None => &mut [],
+        };
+        let learned_raw = net.dec_lv.map(|o| &th[o..o + dim]);
+        let half = |out: &mut [f32],
+                    d: &mut [f32],
+                    x: &[f32],
+                    nll: &mut [f32],
+                    c: &mut [f32],
+                    lq: &[f32],
+                    g_lv: &mut [f32]|
+         -> f64 {
+            g_lv.fill(0.0);
+            let n_img = x.len() / dim;
+            // A few images at a time, so that the IWAE weighting reads rows still in cache.
+            let chunk = (64 / s).max(1);
+            let mut total = 0f64;
+            let mut i = 0;
+            while i < n_img {
+                let k = chunk.min(n_img - i);
+                let (r0, r1) = (i * s, (i + k) * s);
+                let (o, dd) = (&mut out[r0 * dim..r1 * dim], &mut d[r0 * dim..r1 * dim]);
+                let xi = &x[i * dim..(i + k) * dim];
+                let scale = if iwae { 1.0 } else { 1.0 / s as f32 };
+                if gaussian {
+                    likelihood::gaussian_forward(o, xi, &mut nll[r0..r1], ob, lv, inv, s);
+                } else {
+                    likelihood::bernoulli_forward::<true>(
+                        o,
+                        xi,
+                        dd,
+                        &mut nll[r0..r1],
+                        ob,
+                        s,
+                        scale,
+                    );
+                }
+                if iwae {
+                    for j in 0..k {
+                        let (a, e) = (r0 + j * s, r0 + (j + 1) * s);
+                        objective::iwae(&nll[a..e], &lq[a..e], &mut c[a..e]);
+                    }
+                } else {
+                    c[r0..r1].fill(scale);
+                }
+                if gaussian {
+                    let learned = learned_raw.map(|raw| (raw, &mut *g_lv));
+                    likelihood::gaussian_backward(
+                        dd,
+                        o,
+                        xi,
+                        &c[r0..r1],
+                        inv,
+                        learned,
+                        MIN_LOGVAR as f32,
+                        s,
+                    );
+                } else if iwae {
+                    likelihood::bernoulli_backward(dd, &c[r0..r1], dim);
+                }
+                total += nll[r0..r1].iter().map(|&v| v as f64).sum::<f64>();
+                i += k;
+            }
+            total / s as f64
+        };
+        let g2: &mut [f32] = if net.dec_lv.is_some() { g_lv2 } else { &mut [] };
+        let (t1, t2) = rayon::join(
+            || half(o1, d1, x1, n1, c1, q1, g_lv1),
+            || half(o2, d2, x2, n2, c2, q2, g2),
+        );
+        if let Some(o) = net.dec_lv {
+            for (a, b) in self.grad[o..o + dim].iter_mut().zip(&w.g_lv2) {
+                *a += b;
+            }
+        }
+        t1 + t2
+    }
+
+    /// Forward and backward over `b` images; with `adam`, each layer's parameters are updated as
+    /// soon as its gradient is final and its weights have been used for the last time.
+    fn forward_backward(&mut self, b: usize, adam: Option<AdamStep>) -> (f64, f64) {
+        let s = self.work.s;
+        let rows = b * s;
+        let kl_closed = self.net.forward(&self.theta, &mut self.work, b, s);
+        let recon = self.loss_pass(b);
+        let (net, kind) = (&self.net, self.kind);
+        let (z, act, flows) = (net.cfg.latent, net.cfg.activation, net.cfg.flows);
+        let w = &mut self.work;
+        // The logged KL: closed form without flows, else the samples' mean log q - log p.
+        let kl = if kind == Kind::Ae {
+            0.0
+        } else if flows == 0 {
+            kl_closed
+        } else {
+            w.lq[..rows].iter().map(|&v| v as f64).sum::<f64>() / s as f64
+        };
+        // Each sample's weight on log q - log p (IWAE: its normalized weight, already in cq;
+        // the ELBO with flows: the KL weight over S), and the closed-form KL's per dimension.
+        let kw = self.kl_weight;
+        let use_cq = match kind {
+            Kind::Iwae => true,
+            Kind::Elbo if flows > 0 => {
+                w.cq[..rows].fill(kw / s as f32);
+                true
+            }
+            _ => false,
+        };
+        if kind == Kind::Elbo && flows == 0 {
+            objective::kl_weights(&mut w.ckl, &w.kl_dim, b, kw, self.free_bits);
+        } else {
+            w.ckl.fill(0.0);
+        }
+
+        let mut theta = std::mem::take(&mut self.theta);
+        let th = &mut theta;
+        let g = &mut self.grad;
+        let lo = net.out;
+        // Back through the output layer: dW = h^T d_out, db = colsum, dh = d_out W^T.
+        linear::linear_backward(
+            g,
+            Some(&mut w.d1),
+            &w.dec_h[net.dec.len() - 1],
+            &w.d_out,
+            th,
+            lo,
+            rows,
+            true,
+        );
+        // The output layer's Adam step (and the learned decoder log-variance's, stored after it)
+        // on one worker, while the other goes on down the decoder, flows and heads.
+        let (th_lo, th_hi) = th.split_at_mut(lo.w);
+        let all = Moments {
+            g,
+            m: &mut self.m,
+            v: &mut self.v,
+        };
+        let (mut s_lo, mut s_hi) = all.split_at(lo.w);
+        rayon::join(
+            || {
+                let n = th_hi.len();
+                adam_range(&adam, th_hi, &mut s_hi, 0, n)
+            },
+            || {
+                let th = th_lo;
+                let st = &mut s_lo;
+                // Decoder layers, last to first; d1 holds d(loss)/d(output of the layer).
+                for (i, l) in net.dec.iter().enumerate().rev() {
+                    let n = rows * l.n_out;
+                    linear::act_backward(&mut w.d1[..n], &w.dec_a[i][..n], &w.dec_h[i][..n], act);
+                    let input: &[f32] = if i == 0 {
+                        &w.zs[flows]
+                    } else {
+                        &w.dec_h[i - 1]
+                    };
+                    linear::linear_backward(
+                        st.g,
+                        Some(&mut w.d2),
+                        input,
+                        &w.d1,
+                        th,
+                        *l,
+                        rows,
+                        true,
+                    );
+                    adam_range(&adam, th, st, l.w, l.end());
+                    std::mem::swap(&mut w.d1, &mut w.d2);
+                }
+                // d1 holds dz_K (B S, Z); log q - log p's -log p(z_K) = |z_K|^2 / 2 adds cq z_K.
+                if use_cq {
+                    let zk = &w.zs[flows];
+                    for r in 0..rows {
+                        let c = w.cq[r];
+                        for j in 0..z {
+                            w.d1[r * z + j] += c * zk[r * z + j];
+                        }
+                    }
+                }
+                let cq = if use_cq { Some(&w.cq[..rows]) } else { None };
+                for k in (0..flows).rev() {
+                    let p = net.flow_params(k, b, s);
+                    let cache = w.flow.cache(k, p.n, rows, z);
+                    match net.global_flows {
+                        Some(_) => planar::planar_backward(
+                            &mut w.d1, &w.zs[k], th, p, z, cache, cq, st.g, p,
+                        ),
+                        None => planar::planar_backward(
+                            &mut w.d1,
+                            &w.zs[k],
+                            &w.hd,
+                            p,
+                            z,
+                            cache,
+                            cq,
+                            &mut w.d_hd,
+                            p,
+                        ),
+                    }
+                }
+                if let Some(off) = net.global_flows {
+                    adam_range(&adam, th, st, off, off + flows * (2 * z + 1));
+                }
+                let d = Dims {
+                    b,
+                    s,
+                    z,
+                    hc: net.hc(),
+                };
+                if kind == Kind::Ae {
+                    latent::identity_backward(&mut w.d_hd, &w.d1, b, z);
+                } else {
+                    latent::gaussian_backward(
+                        &mut w.d_hd,
+                        &w.hd,
+                        &w.sigma,
+                        &w.eps,
+                        &w.d1,
+                        cq,
+                        &w.ckl,
+                        d,
+                    );
+                }
+                let top = &w.enc_h[net.enc.len() - 1];
+                linear::linear_backward(st.g, Some(&mut w.d2), top, &w.d_hd, th, net.head, b, true);
+                std::mem::swap(&mut w.d1, &mut w.d2);
+                adam_range(&adam, th, st, net.head.w, net.head.end());
+            },
+        );
+        // Encoder layers, last to first.
+        let mut st = Moments {
+            g: &mut self.grad,
+            m: &mut self.m,
+            v: &mut self.v,
+        };
+        for (i, l) in net.enc.iter().enumerate().rev() {
+            let n = b * l.n_out;
+            linear::act_backward(&mut w.d1[..n], &w.enc_a[i][..n], &w.enc_h[i][..n], act);
+            let input: &[f32] = if i == 0 { &w.x } else { &w.enc_h[i - 1] };
+            let dx = if i > 0 { Some(&mut w.d2[..]) } else { None };
+            linear::linear_backward(st.g, dx, input, &w.d1, th, *l, b, true);
+            if i > 0 {
+                std::mem::swap(&mut w.d1, &mut w.d2);
+            }
+            adam_range(&adam, th, &mut st, l.w, l.end());
+        }
+        self.theta = theta;
+        (recon, kl)
+    }
+
+    /// The parameters, checkpoint layout (the names of `model::param_specs`).
+    pub fn params(&self) -> Result<HashMap<String, Tensor>> {
+        self.net.export(&self.theta)
+    }
+
+    /// Adam's moments as `m.<name>`, `v.<name>`, as `optim::Adam::state` names them.
+    pub fn adam_state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut h = HashMap::new();
+        for (k, t) in self.net.export(&self.m)? {
+            h.insert(format!("m.{k}"), t);
+        }
+        for (k, t) in self.net.export(&self.v)? {
+            h.insert(format!("v.{k}"), t);
+        }
+        Ok(h)
+    }
+
+    /// Restores the moments saved by `adam_state` and the step count.
+    pub fn load_adam_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> Result<()> {
+        let part = |prefix: &str| -> HashMap<String, Tensor> {
+            state
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+                .collect()
+        };
+        self.net
+            .import(&part("m."), &mut self.m)
+            .context("Adam first moments")?;
+        self.net
+            .import(&part("v."), &mut self.v)
+            .context("Adam second moments")?;
+        self.step = step;
+        Ok(())
+    }
+
+    /// The last step's gradients, checkpoint layout (for tests).
+    pub fn grads(&self) -> Result<HashMap<String, Tensor>> {
+        self.net.export(&self.grad)
+    }
+
+    /// Forward and backward without the Adam step (for tests).
+    pub fn loss_and_grads(&mut self, rows: usize) -> (f64, f64) {
+        self.forward_backward(rows, None)
+    }
+}
+
+#[cfg(test)]
+mod tests;

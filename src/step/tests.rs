@@ -1,0 +1,343 @@
+//! Every family of the fused step against candle's autograd on the same parameters, batch and
+//! noise: the logged -ELBO terms and every parameter's gradient.
+//!
+//! Tolerance: 2e-4 of the largest gradient of the tensor (3e-4 with flows). Both sides compute
+//! in f32 with sums in different orders over a few dozen terms, so agreement is ~1e-6 relative;
+//! a wrong term (a missing factor, a sign, a sample's weight) moves gradients by a large fraction
+//! of their scale, far beyond that.
+
+use super::*;
+use crate::config::{Activation, TrainConfig};
+use crate::model::{self, Objective, Vae};
+use candle_core::DType;
+use candle_nn::VarBuilder;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+fn config(model: ModelConfig, mc: usize, iw: usize) -> Config {
+    Config {
+        model,
+        train: TrainConfig {
+            mc_samples: mc,
+            iw_samples: iw,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Seeded parameters, a batch x in [0, 1] (b, dim) and noise eps (b S, Z), drawn in that order.
+fn fixture(
+    cfg: &ModelConfig,
+    dim: usize,
+    b: usize,
+    s: usize,
+    seed: u64,
+) -> (HashMap<String, Tensor>, Vec<f32>, Vec<f32>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut params = model::init_params(cfg, dim, &mut rng, &Device::Cpu).unwrap();
+    // Global flow parameters start at U(-1/sqrt(Z), ..); make them larger so the flow matters.
+    for (k, t) in params.iter_mut() {
+        if k.starts_with("flow.") {
+            *t = (t.clone() * 4.0).unwrap();
+        }
+    }
+    let x: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
+    let eps: Vec<f32> = (0..b * s * cfg.latent)
+        .map(|_| StandardNormal.sample(&mut rng))
+        .collect();
+    (params, x, eps)
+}
+
+/// The candle model on `params` (through a VarMap, for autograd) and the batch and noise as
+/// tensors: the side the fused step is checked against.
+fn candle_side(
+    cfg: &ModelConfig,
+    dim: usize,
+    params: &HashMap<String, Tensor>,
+    x: &[f32],
+    eps: &[f32],
+) -> (candle_nn::VarMap, Vae, Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let vm = model::varmap_from(params.clone()).unwrap();
+    let m = Vae::new(cfg, dim, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    let xt = Tensor::from_vec(x.to_vec(), (x.len() / dim, dim), &dev).unwrap();
+    let et = Tensor::from_vec(eps.to_vec(), (eps.len() / cfg.latent, cfg.latent), &dev).unwrap();
+    (vm, m, xt, et)
+}
+
+/// One family: `mc` / `iw` samples, a KL weight, and free bits at the median of the
+/// dimensions' batch-mean KL (so some dimensions are under it and some are not).
+fn check_with(model: ModelConfig, mc: usize, iw: usize, kl_weight: f64, median_free_bits: bool) {
+    let cfg = config(model.clone(), mc, iw);
+    let s = mc.max(iw);
+    let (dim, b) = (12, 5);
+    let (params, x, eps) = fixture(&model, dim, b, s, 3);
+    let adam = AdamConfig {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let (vm, m, xt, et) = candle_side(&model, dim, &params, &x, &eps);
+    let free_bits = if median_free_bits {
+        let dims = m.samples(&xt, &et, s).unwrap().kl_dims.unwrap();
+        let mut v = dims.mean(0).unwrap().to_vec1::<f32>().unwrap();
+        v.sort_by(|a, b| a.total_cmp(b));
+        (v[v.len() / 2 - 1] as f64 + v[v.len() / 2] as f64) / 2.0
+    } else {
+        0.0
+    };
+    let o = Objective {
+        samples: s,
+        iwae: iw > 1,
+        kl_weight,
+        free_bits,
+    };
+    let (loss, r, k) = m.training_loss(&xt, &et, &o).unwrap();
+    let grads = loss.backward().unwrap();
+    let (r, k) = (
+        r.to_scalar::<f32>().unwrap() as f64,
+        k.to_scalar::<f32>().unwrap() as f64,
+    );
+
+    let mut f = Fused::new(&cfg, dim, &params, adam, 8).unwrap();
+    f.set_kl(kl_weight, free_bits);
+    f.x_mut(b).copy_from_slice(&x);
+    f.eps_mut(b).copy_from_slice(&eps);
+    let (fr, fk) = f.loss_and_grads(b);
+    if free_bits > 0.0 {
+        // After the step ckl holds each dimension's weight: 0 where under the free bits.
+        let c = &f.work.ckl;
+        assert!(
+            c.contains(&0.0) && c.iter().any(|v| *v > 0.0),
+            "free bits split nothing: {c:?}"
+        );
+    }
+    let what = format!("{model:?} mc {mc} iw {iw} kl {kl_weight} fb {free_bits}");
+    assert!(
+        (fr - r).abs() < 1e-4 * r.abs().max(1.0),
+        "{what}: recon {fr} vs {r}"
+    );
+    assert!(
+        (fk - k).abs() < 1e-4 * k.abs().max(1.0),
+        "{what}: kl {fk} vs {k}"
+    );
+    let tol = if model.flows > 0 { 3e-4 } else { 2e-4 };
+    let fg = f.grads().unwrap();
+    let data = vm.data().lock().unwrap();
+    assert_eq!(fg.len(), data.len(), "{what}: tensor count");
+    for (name, var) in data.iter() {
+        let want = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = fg[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = want.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * scale,
+                "{what}: d{name}[{i}] = {g}, autograd {w}"
+            );
+        }
+    }
+    // And the parameters round-trip through the checkpoint layout unchanged.
+    let back = f.params().unwrap();
+    for (name, t) in &params {
+        assert_eq!(
+            back[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{name}"
+        );
+    }
+}
+
+fn check(model: ModelConfig) {
+    check_with(model, 1, 1, 1.0, false)
+}
+
+fn small(hidden: Vec<usize>, latent: usize) -> ModelConfig {
+    ModelConfig {
+        hidden,
+        latent,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn plain_vae_every_activation_and_decoder() {
+    for act in [
+        Activation::Relu,
+        Activation::Tanh,
+        Activation::Softplus,
+        Activation::Sigmoid,
+        Activation::Gelu,
+    ] {
+        check(ModelConfig {
+            activation: act,
+            ..small(vec![7, 5], 3)
+        });
+    }
+    check(small(vec![6], 2));
+    check(ModelConfig {
+        decoder: DecoderKind::Gaussian,
+        sigma: 0.5,
+        learn_sigma: true,
+        ..small(vec![6], 2)
+    });
+    check(ModelConfig {
+        decoder: DecoderKind::Gaussian,
+        sigma: 0.3,
+        ..small(vec![6], 2)
+    });
+}
+
+#[test]
+fn kl_weight_and_free_bits() {
+    check_with(small(vec![7, 5], 3), 1, 1, 0.37, false);
+    check_with(small(vec![7, 5], 4), 1, 1, 1.0, true);
+    // Free bits with Monte-Carlo samples: the closed-form KL is the same for all of them.
+    check_with(small(vec![7, 5], 4), 3, 1, 1.0, true);
+}
+
+#[test]
+fn monte_carlo_and_iwae_samples() {
+    for s in [2, 4] {
+        check_with(small(vec![7, 5], 3), s, 1, 1.0, false);
+        check_with(small(vec![7, 5], 3), 1, s, 1.0, false);
+    }
+    check_with(small(vec![7, 5], 3), 3, 1, 0.5, false);
+    check_with(
+        ModelConfig {
+            activation: Activation::Tanh,
+            decoder: DecoderKind::Gaussian,
+            learn_sigma: true,
+            sigma: 0.4,
+            ..small(vec![6, 6], 2)
+        },
+        1,
+        3,
+        1.0,
+        false,
+    );
+}
+
+#[test]
+fn planar_flows_amortized_and_global() {
+    for fp in [FlowParams::Amortized, FlowParams::Global] {
+        let m = ModelConfig {
+            flows: 3,
+            flow_params: fp,
+            ..small(vec![7], 3)
+        };
+        check(m.clone());
+        check_with(m.clone(), 1, 1, 0.4, false);
+        check_with(m.clone(), 2, 1, 1.0, false);
+        check_with(m, 1, 3, 1.0, false);
+    }
+}
+
+#[test]
+fn autoencoder() {
+    check(ModelConfig {
+        kind: ModelKind::Ae,
+        ..small(vec![7, 5], 3)
+    });
+}
+
+#[test]
+fn adam_step_matches_optim() {
+    // The same first steps through the fused path and through optim::Adam give the same weights.
+    let model = small(vec![6], 2);
+    let cfg = config(model.clone(), 1, 1);
+    let (dim, b) = (9, 4);
+    let (params, x, eps) = fixture(&model, dim, b, 1, 5);
+    let ac = AdamConfig {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let (vm, m, xt, et) = candle_side(&model, dim, &params, &x, &eps);
+    let mut opt = crate::optim::Adam::new(&vm, ac).unwrap();
+    let mut f = Fused::new(&cfg, dim, &params, ac, b).unwrap();
+    for _ in 0..3 {
+        let (r, k) = m.neg_elbo_terms(&xt, &et).unwrap();
+        opt.step(
+            &(r.sum_all().unwrap() + k.sum_all().unwrap())
+                .unwrap()
+                .backward()
+                .unwrap(),
+        )
+        .unwrap();
+        f.x_mut(b).copy_from_slice(&x);
+        f.eps_mut(b).copy_from_slice(&eps);
+        f.step(b).unwrap();
+    }
+    let got = f.params().unwrap();
+    for (name, t) in model::snapshot(&vm).unwrap() {
+        let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = got[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (u, w) in a.iter().zip(&g) {
+            assert!((u - w).abs() < 1e-5, "{name}: {u} vs {w}");
+        }
+    }
+    assert_eq!(f.adam_state().unwrap().len(), opt.state().len());
+}
+
+#[test]
+fn iw_estimate_matches_candle_log_weights() {
+    // The streaming estimate against candle's log weights on the same noise: one pass (K = 5,
+    // several images per group) and several passes (K = 700 > 512 rows, one image per group),
+    // with flows and without, Bernoulli and learned Gaussian.
+    let dim = 12;
+    let models = [
+        small(vec![7], 3),
+        ModelConfig {
+            flows: 2,
+            ..small(vec![7], 3)
+        },
+        ModelConfig {
+            decoder: DecoderKind::Gaussian,
+            learn_sigma: true,
+            sigma: 0.5,
+            ..small(vec![6], 2)
+        },
+    ];
+    for model in models {
+        for k in [5usize, 700] {
+            let (params, x, _) = fixture(&model, dim, 3, 1, 7);
+            let got = iw::neg_log_likelihood(&model, dim, &params, &x, k, 11, &|_| {}).unwrap();
+            // The estimator's groups: all 3 images in one (K = 5), or one image each (K = 700).
+            let per_group = if k == 5 { 3 } else { 1 };
+            for g in 0..3 / per_group {
+                let mut rng = iw::group_rng(11, g);
+                let eps: Vec<f32> = (0..per_group * k * model.latent)
+                    .map(|_| StandardNormal.sample(&mut rng))
+                    .collect();
+                let xs = &x[g * per_group * dim..(g + 1) * per_group * dim];
+                let (_, m, xt, et) = candle_side(&model, dim, &params, xs, &eps);
+                let lw = m.log_weights(&xt, &et, k).unwrap();
+                let want = ((model::logsumexp_rows(&lw).unwrap() - (k as f64).ln()).unwrap()
+                    * -1.0)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                for (j, w) in want.iter().enumerate() {
+                    let v = got[g * per_group + j];
+                    assert!(
+                        (v - *w as f64).abs() < 1e-3 * (*w as f64).abs().max(1.0),
+                        "{model:?} K {k} image {}: {v} vs {w}",
+                        g * per_group + j
+                    );
+                }
+            }
+        }
+    }
+}
