@@ -1,31 +1,49 @@
 #!/usr/bin/env bash
-# Side by side: this binary and the PyTorch peer (../shared/bench/torch_vae.py, the
-# pytorch/examples recipe) on the same data and recipe, alternating whole runs, on the CPU.
-# Prints seconds per epoch of training for each, their ratio, and both test -ELBO per epoch.
+# Side by side: this binary and the PyTorch peer (../shared/bench/torch_vae.py) on the same data
+# and recipe, alternating whole runs, on the CPU. Prints seconds per epoch of training for each,
+# their ratio, both test -ELBO per epoch, and each side's peak resident memory.
 #
-#   benches/compare-pytorch.sh [EPOCHS] [ROUNDS]      (default 10 epochs, 2 rounds)
+#   benches/compare-pytorch.sh [EPOCHS] [ROUNDS] [VARIANT]   (default 10 epochs, 2 rounds, ref)
 #
+# VARIANT: ref (the pytorch/examples recipe), iwae5, iwae50, mc5 (K = 5 or 50 samples per image,
+# importance-weighted or averaged), burda (784-200-200-50 tanh, batch 20, dynamic binarization),
+# burda-iwae5 (the same with IWAE k = 5).
 # PYTHON names an interpreter with torch (default: python3); PEER the peer script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${1:-10}
 ROUNDS=${2:-2}
+VARIANT=${3:-ref}
 PY=${PYTHON:-python3}
 PEER=${PEER:-../shared/bench/torch_vae.py}
+BURDA_VAE=(--set 'model.hidden=[200,200]' --set model.latent=50 --set model.activation=tanh
+  --set train.batch_size=20 --set data.binarize=dynamic)
+BURDA_PEER=(--hidden 200,200 --latent 50 --act tanh --batch 20 --binarize dynamic)
+case "$VARIANT" in
+  ref) VAE=(); TORCH=() ;;
+  iwae5) VAE=(--set train.iw_samples=5); TORCH=(--k 5 --objective iwae) ;;
+  iwae50) VAE=(--set train.iw_samples=50); TORCH=(--k 50 --objective iwae) ;;
+  mc5) VAE=(--set train.mc_samples=5); TORCH=(--k 5 --objective mc) ;;
+  burda) VAE=("${BURDA_VAE[@]}"); TORCH=("${BURDA_PEER[@]}") ;;
+  burda-iwae5) VAE=("${BURDA_VAE[@]}" --set train.iw_samples=5); TORCH=("${BURDA_PEER[@]}" --k 5 --objective iwae) ;;
+  *) echo "error: unknown variant $VARIANT (ref, iwae5, iwae50, mc5, burda, burda-iwae5)" >&2; exit 2 ;;
+esac
 "$PY" -c 'import torch' 2>/dev/null || { echo "error: $PY has no torch; set PYTHON (see ../shared/bench/README.md)" >&2; exit 1; }
 [ -f "$PEER" ] || { echo "error: no peer script at $PEER; set PEER" >&2; exit 1; }
 cargo build --release -q
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for r in $(seq 1 "$ROUNDS"); do
-  echo "round $r/$ROUNDS: vae" >&2
-  target/release/vae train -q --config mnist.toml --set train.epochs="$EPOCHS" --run "$tmp/vae-$r" > "$tmp/vae-$r.log"
-  echo "round $r/$ROUNDS: pytorch" >&2
-  "$PY" "$PEER" --data data/mnist --epochs "$EPOCHS" > "$tmp/torch-$r.log"
+  echo "round $r/$ROUNDS: vae $VARIANT" >&2
+  /usr/bin/time -f '%M' -o "$tmp/vae-$r.rss" target/release/vae train -q --config mnist.toml \
+    --set train.epochs="$EPOCHS" "${VAE[@]}" --run "$tmp/vae-$r" > "$tmp/vae-$r.log"
+  echo "round $r/$ROUNDS: pytorch $VARIANT" >&2
+  /usr/bin/time -f '%M' -o "$tmp/torch-$r.rss" "$PY" "$PEER" --data data/mnist \
+    --epochs "$EPOCHS" "${TORCH[@]}" > "$tmp/torch-$r.log"
 done
-python3 - "$tmp" "$ROUNDS" "$EPOCHS" <<'PY'
+python3 - "$tmp" "$ROUNDS" "$EPOCHS" "$VARIANT" <<'PY'
 import sys, csv, statistics as st
-tmp, rounds, epochs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+tmp, rounds, epochs, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 vs, vt, ts, tt = {}, {}, {}, {}
 for r in range(1, rounds + 1):
     for row in csv.DictReader(open(f"{tmp}/vae-{r}/metrics.csv")):
@@ -39,6 +57,8 @@ for r in range(1, rounds + 1):
             e = int(f[1])
             ts.setdefault(e, []).append(float(f[3]))
             tt.setdefault(e, []).append(float(f[7]))
+rss = lambda who: max(int(open(f"{tmp}/{who}-{r}.rss").read().split()[-1]) for r in range(1, rounds + 1)) / 1024
+print(f"variant {variant}")
 print(f"{'epoch':>5} {'vae s':>7} {'torch s':>8} {'ratio':>6} {'vae test -ELBO':>15} {'torch test -ELBO':>17}")
 for e in range(1, epochs + 1):
     a, b = st.mean(vs[e]), st.mean(ts[e])
@@ -47,4 +67,5 @@ a = st.mean(x for v in vs.values() for x in v)
 b = st.mean(x for v in ts.values() for x in v)
 print(f"mean seconds per epoch over {rounds} round(s): vae {a:.2f}, pytorch {b:.2f}; pytorch / vae = {b / a:.2f}")
 print(f"test -ELBO after epoch {epochs}: vae {st.mean(vt[epochs]):.2f}, pytorch {st.mean(tt[epochs]):.2f} nats")
+print(f"peak RSS: vae {rss('vae'):.0f} MB, pytorch {rss('torch'):.0f} MB")
 PY

@@ -9,9 +9,9 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use std::time::Instant;
 use vae::config::Config;
+use vae::engine::Trainer;
 use vae::optim::AdamConfig;
 use vae::step::Fused;
-use vae::train::Trainer;
 use vae::{data, model};
 
 fn report(name: &str, mut times: Vec<f64>, n: usize, bs: usize) {

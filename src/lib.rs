@@ -4,6 +4,7 @@
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod engine;
 pub mod eval;
 pub mod interrupt;
 pub mod loss;

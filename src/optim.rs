@@ -62,6 +62,11 @@ impl Adam {
         })
     }
 
+    /// The learning rate of the following steps (a schedule's value).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step += 1;
         let c = self.cfg;

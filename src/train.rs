@@ -6,24 +6,21 @@
 //! Every random draw (init, shuffles, eps, binarization) comes from one `StdRng` seeded with
 //! `seed`, in a fixed order, so a seed and a device give one sequence of numbers.
 
-use crate::config::{Binarize, Config, EngineKind};
+use crate::config::{Binarize, Config};
 use crate::data;
 use crate::device;
+use crate::engine::{skip_draws, Engine, Sums};
 use crate::eval::{self, Loaded, Totals};
 use crate::interrupt;
 use crate::model::{self, Objective, Vae};
-use crate::optim::{Adam, AdamConfig};
 use crate::pictures;
 use crate::run::{self, Partial, State};
-use crate::step::Fused;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, StandardNormal};
+use rand::SeedableRng;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -90,264 +87,6 @@ impl EpochRow {
             None => format!("epoch {:>3}/{epochs}  (untrained){:>46}{test}", 0, ""),
         }
     }
-}
-
-/// The model with its optimizer, on candle's autograd: any device, any config.
-pub struct Trainer {
-    pub model: Vae,
-    pub varmap: VarMap,
-    pub adam: Adam,
-}
-
-fn adam_config(cfg: &Config) -> AdamConfig {
-    AdamConfig {
-        lr: cfg.train.lr,
-        beta1: cfg.train.beta1,
-        beta2: cfg.train.beta2,
-        eps: cfg.train.adam_eps,
-        weight_decay: cfg.train.weight_decay,
-    }
-}
-
-impl Trainer {
-    /// Builds the model on `params` with zero Adam moments.
-    pub fn new(
-        cfg: &Config,
-        dim: usize,
-        params: HashMap<String, Tensor>,
-        dev: &Device,
-    ) -> Result<Self> {
-        let varmap = model::varmap_from(params)?;
-        let model = Vae::new(
-            &cfg.model,
-            dim,
-            VarBuilder::from_varmap(&varmap, DType::F32, dev),
-        )?;
-        let adam = Adam::new(&varmap, adam_config(cfg))?;
-        Ok(Trainer {
-            model,
-            varmap,
-            adam,
-        })
-    }
-
-    /// One Adam step on the batch's objective (the summed -ELBO for the reference recipe);
-    /// `x` (B, D), `eps` (B S, Z). Returns the batch's summed true -ELBO terms [recon, kl] as a
-    /// (2,) tensor left on the device.
-    pub fn step(&mut self, x: &Tensor, eps: &Tensor, o: &Objective) -> Result<Tensor> {
-        let (loss, rs, ks) = self.model.training_loss(x, eps, o)?;
-        let grads = loss.backward()?;
-        self.adam.step(&grads)?;
-        Ok(Tensor::stack(&[rs.detach(), ks.detach()], 0)?)
-    }
-}
-
-/// Which implementation of the step a run uses (`train.engine`).
-#[allow(clippy::large_enum_variant)] // one per run
-pub enum Engine {
-    /// The hand-written CPU step of `fused`, with the training set on the host as bytes
-    /// (pixel = byte / 255), converted a batch at a time.
-    Fused { f: Box<Fused>, bytes: Vec<u8> },
-    /// Candle autograd, with the training set as one (N, D) tensor on the device.
-    Autograd {
-        t: Trainer,
-        x: Tensor,
-        epoch: Option<EpochDraws>,
-    },
-}
-
-/// One epoch's batch order and noise, uploaded once (`Engine::begin_epoch`), so that a step on
-/// the device reads its images and eps by `narrow` and uploads nothing.
-pub struct EpochDraws {
-    /// The remaining image indices of the epoch, in order, (n,) u32.
-    order: Tensor,
-    /// Their eps, one block of (B S, Z) rows per batch, end to end.
-    eps: Tensor,
-    /// How many images of `order` the steps have read; their eps are the first `at * S` rows.
-    at: usize,
-}
-
-impl Engine {
-    pub fn new(
-        cfg: &Config,
-        dim: usize,
-        params: HashMap<String, Tensor>,
-        bytes: Vec<u8>,
-        dev: &Device,
-    ) -> Result<Self> {
-        let cpu = matches!(dev, Device::Cpu);
-        let fused = match cfg.train.engine {
-            EngineKind::Auto => cpu,
-            EngineKind::Fused => {
-                if !cpu {
-                    bail!("key `train.engine`: \"fused\" runs on the CPU only; use \"auto\" or --device cpu");
-                }
-                true
-            }
-            EngineKind::Autograd => false,
-        };
-        if fused {
-            let f = Fused::new(cfg, dim, &params, adam_config(cfg), cfg.train.batch_size)?;
-            Ok(Engine::Fused {
-                f: Box::new(f),
-                bytes,
-            })
-        } else {
-            let n = bytes.len() / dim;
-            let x = Tensor::from_vec(data::to_pixels(&bytes), (n, dim), dev)?;
-            Ok(Engine::Autograd {
-                t: Trainer::new(cfg, dim, params, dev)?,
-                x,
-                epoch: None,
-            })
-        }
-    }
-
-    /// Before an epoch's steps: the autograd engine uploads the images `order` of the steps to
-    /// come and draws all their eps now, in the order the steps would (without dynamic
-    /// binarization, whose per-pixel uniforms come between the steps' eps and stay per step).
-    /// The draws are the same numbers either way; this keeps uploads out of the steps.
-    pub fn begin_epoch(
-        &mut self,
-        order: &[u32],
-        dynamic: bool,
-        noise_rows_per_image: usize,
-        latent: usize,
-        rng: &mut StdRng,
-    ) -> Result<()> {
-        if let Engine::Autograd { x, epoch, .. } = self {
-            *epoch = None;
-            if !dynamic && !order.is_empty() {
-                let dev = x.device();
-                *epoch = Some(EpochDraws {
-                    order: Tensor::from_slice(order, order.len(), dev)?,
-                    eps: eval::normal(rng, order.len() * noise_rows_per_image, latent, dev)?,
-                    at: 0,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            Engine::Fused { .. } => "fused CPU step",
-            Engine::Autograd { .. } => "candle autograd",
-        }
-    }
-
-    /// One step on the training images `idx`; draws binarization uniforms (dynamic only), then
-    /// eps, from `rng` in that order, whichever the engine. Returns the summed [recon, kl],
-    /// left on the device for the autograd engine.
-    fn step(
-        &mut self,
-        idx: &[u32],
-        dynamic: bool,
-        latent: usize,
-        o: &Objective,
-        rng: &mut StdRng,
-    ) -> Result<Sums> {
-        let b = idx.len();
-        match self {
-            Engine::Fused { f, bytes } => {
-                let x = f.x_mut(b);
-                let dim = x.len() / b;
-                for (row, &i) in x.chunks_exact_mut(dim).zip(idx) {
-                    let i = i as usize;
-                    for (v, &p) in row.iter_mut().zip(&bytes[i * dim..(i + 1) * dim]) {
-                        *v = data::pixel(p);
-                    }
-                }
-                if dynamic {
-                    for v in x.iter_mut() {
-                        *v = if rng.random::<f32>() < *v { 1.0 } else { 0.0 };
-                    }
-                }
-                for e in f.eps_mut(b) {
-                    *e = StandardNormal.sample(rng);
-                }
-                f.set_kl(o.kl_weight, o.free_bits);
-                let (r, k) = f.step(b)?;
-                Ok(Sums::Host(r, k))
-            }
-            Engine::Autograd {
-                t,
-                x,
-                epoch: Some(e),
-            } => {
-                // The epoch's draws are on the device already (not with dynamic binarization).
-                let it = e.order.narrow(0, e.at, b)?;
-                let eps = e.eps.narrow(0, e.at * o.samples, b * o.samples)?;
-                e.at += b;
-                let xb = x.index_select(&it, 0)?;
-                Ok(Sums::Device(t.step(&xb, &eps, o)?))
-            }
-            Engine::Autograd { t, x, epoch: None } => {
-                let dev = x.device().clone();
-                let dim = x.dim(1)?;
-                let it = Tensor::from_slice(idx, b, &dev)?;
-                let mut xb = x.index_select(&it, 0)?;
-                if dynamic {
-                    let u: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
-                    xb = Tensor::from_vec(u, (b, dim), &dev)?
-                        .lt(&xb)?
-                        .to_dtype(DType::F32)?;
-                }
-                let eps = eval::normal(rng, b * o.samples, latent, &dev)?;
-                Ok(Sums::Device(t.step(&xb, &eps, o)?))
-            }
-        }
-    }
-
-    /// The parameters in checkpoint layout.
-    pub fn params(&self) -> Result<HashMap<String, Tensor>> {
-        match self {
-            Engine::Fused { f, .. } => f.params(),
-            Engine::Autograd { t, .. } => Ok(model::snapshot(&t.varmap)?),
-        }
-    }
-
-    pub fn optimizer_state(&self) -> Result<HashMap<String, Tensor>> {
-        match self {
-            Engine::Fused { f, .. } => f.adam_state(),
-            Engine::Autograd { t, .. } => Ok(t.adam.state()),
-        }
-    }
-
-    /// Restores Adam's moments (`m.<name>`, `v.<name>`) and step count from a checkpoint.
-    pub fn load_optimizer(&mut self, state: &HashMap<String, Tensor>, step: u64) -> Result<()> {
-        match self {
-            Engine::Fused { f, .. } => f.load_adam_state(state, step),
-            Engine::Autograd { t, .. } => t.adam.load_state(state, step),
-        }
-    }
-
-    pub fn steps(&self) -> u64 {
-        match self {
-            Engine::Fused { f, .. } => f.step,
-            Engine::Autograd { t, .. } => t.adam.step,
-        }
-    }
-
-    /// A candle model of the current parameters on `dev`, for evaluation.
-    fn eval_model(&self, cfg: &Config, dim: usize, dev: &Device) -> Result<Vae> {
-        let params = self.params()?;
-        let params = params
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.to_device(dev)?)))
-            .collect::<Result<HashMap<_, _>>>()?;
-        Ok(Vae::new(
-            &cfg.model,
-            dim,
-            VarBuilder::from_tensors(params, DType::F32, dev),
-        )?)
-    }
-}
-
-/// A batch's summed [recon, kl]: on the host, or left on the device to avoid a sync.
-enum Sums {
-    Host(f64, f64),
-    Device(Tensor),
 }
 
 /// The objective of the step after `step` steps: S samples, IWAE or ELBO, and the KL weight
@@ -477,108 +216,160 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
 }
 
 fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
-    let dev = device::open(&cfg.device).context("key `device` / --device")?;
-    let mut ds = data::load_dir(&cfg.data.dir, cfg.data.limit, cfg.data.test_limit)?;
-    let dim = ds.train.dim();
-    let n = ds.train.n;
-    // The init stream: parameters first, then the static binarization, so a seed's init does not
-    // depend on the data options. A resumed run replays it to binarize identically.
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let fresh = model::init_params(&cfg.model, dim, &mut rng, &dev)?;
-    // Kept as bytes (b / 255 is the pixel): a quarter of the f32 copy's memory.
-    let mut train_bytes = std::mem::take(&mut ds.train.images);
-    if cfg.data.binarize == Binarize::Static {
-        data::binarize_bytes_in_place(&mut train_bytes, &mut rng);
-    }
-    let Start {
-        run_dir,
-        epoch: done,
-        resumed,
-        mut csv,
-        partial,
-    } = start;
-    let (params, moments) = match resumed {
-        Some((p, m, step)) => (p, Some((m, step))),
-        None => (fresh, None),
-    };
-    let mut engine = Engine::new(cfg, dim, params, train_bytes, &dev)?;
-    if let Some((m, step)) = moments {
-        engine
-            .load_optimizer(&m, step)
-            .context("optimizer.safetensors")?;
-    }
-    let x_test = eval::test_tensor(cfg, &ds.test, &dev)?;
-    let run_dir = match run_dir {
-        Some(d) => d,
-        None => run::create(cfg, opts.run.as_deref())?,
-    };
-    let lock = run::Lock::take(&run_dir)?;
-    run::clean_temporaries(&run_dir);
-    interrupt::install();
-    run::write_atomic(&run_dir.join(run::CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
-    run::set_latest(Path::new(&cfg.out_dir), &run_dir)?;
-
-    if !opts.quiet {
-        println!(
-            "# resolved config (saved as {})",
-            run_dir.join(run::CONFIG_FILE).display()
-        );
-        print!("{}", cfg.to_toml()?);
-        println!("#");
-    }
-    println!(
-        "run {}  device {}  engine {}  data {} ({} train, {} test images of {}x{})",
-        run_dir.display(),
-        device::describe(&dev),
-        engine.name(),
-        ds.dir.display(),
-        n,
-        ds.test.n,
-        ds.train.rows,
-        ds.train.cols
-    );
-
-    let evaluate = |engine: &Engine| -> Result<(Totals, Vae)> {
-        let m = engine.eval_model(cfg, dim, &dev)?;
-        Ok((
-            eval::evaluate(&m, &x_test, cfg.train.eval_batch_size, cfg.seed)?,
-            m,
-        ))
-    };
-    let picture_z = pictures::fixed_z(cfg.seed, 64, cfg.model.latent);
-    let test_px = eval::test_pixels(cfg, &ds.test);
-    if done == 0 {
+    let mut s = Session::open(cfg, opts, start)?;
+    if s.done == 0 {
         let row0 = EpochRow {
             epoch: 0,
             step: 0,
             train: None,
-            test: evaluate(&engine)?.0,
+            test: s.evaluate()?.0,
             seconds: 0.0,
         };
-        println!("{}", row0.line(cfg.train.epochs));
-        csv.push_str(&row0.csv());
+        s.log(&row0);
+    }
+    for epoch in s.done + 1..=cfg.train.epochs {
+        let (train, seconds) = s.train_epoch(epoch)?;
+        s.end_epoch(epoch, train, seconds)?;
+    }
+    if let Some(mb) = peak_rss_mb() {
+        println!("peak resident memory {mb:.0} MB");
+    }
+    println!(
+        "saved {}  (vae eval --run {} for the full test set)",
+        s.run_dir.display(),
+        s.run_dir.display()
+    );
+    Ok(s.run_dir)
+}
+
+/// A training run under way: its config, data, engine and run directory (held locked).
+struct Session<'a> {
+    cfg: &'a Config,
+    quiet: bool,
+    dev: Device,
+    ds: data::Dataset,
+    dim: usize,
+    engine: Engine,
+    x_test: Tensor,
+    run_dir: PathBuf,
+    lock: Option<run::Lock>,
+    /// Epochs completed before this process, metrics.csv so far, and progress inside the next
+    /// epoch for a run interrupted there.
+    done: usize,
+    csv: String,
+    partial: Option<Partial>,
+    picture_z: Vec<f32>,
+    test_px: Vec<f32>,
+}
+
+impl<'a> Session<'a> {
+    /// Loads the data, builds the engine (fresh or from the checkpoint), creates or reopens the
+    /// run directory and prints the header.
+    fn open(cfg: &'a Config, opts: &Options, start: Start) -> Result<Self> {
+        let dev = device::open(&cfg.device).context("key `device` / --device")?;
+        let mut ds = data::load_dir(&cfg.data.dir, cfg.data.limit, cfg.data.test_limit)?;
+        let dim = ds.train.dim();
+        // The init stream: parameters first, then the static binarization, so a seed's init
+        // does not depend on the data options. A resumed run replays it to binarize identically.
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let fresh = model::init_params(&cfg.model, dim, &mut rng, &dev)?;
+        // Kept as bytes (b / 255 is the pixel): a quarter of the f32 copy's memory.
+        let mut train_bytes = std::mem::take(&mut ds.train.images);
+        if cfg.data.binarize == Binarize::Static {
+            data::binarize_bytes_in_place(&mut train_bytes, &mut rng);
+        }
+        let Start {
+            run_dir,
+            epoch: done,
+            resumed,
+            csv,
+            partial,
+        } = start;
+        let (params, moments) = match resumed {
+            Some((p, m, step)) => (p, Some((m, step))),
+            None => (fresh, None),
+        };
+        let mut engine = Engine::new(cfg, dim, params, train_bytes, &dev)?;
+        if let Some((m, step)) = moments {
+            engine
+                .load_optimizer(&m, step)
+                .context("optimizer.safetensors")?;
+        }
+        let x_test = eval::test_tensor(cfg, &ds.test, &dev)?;
+        let run_dir = match run_dir {
+            Some(d) => d,
+            None => run::create(cfg, opts.run.as_deref())?,
+        };
+        let lock = run::Lock::take(&run_dir)?;
+        run::clean_temporaries(&run_dir);
+        interrupt::install();
+        run::write_atomic(&run_dir.join(run::CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+        run::set_latest(Path::new(&cfg.out_dir), &run_dir)?;
+        if !opts.quiet {
+            println!(
+                "# resolved config (saved as {})",
+                run_dir.join(run::CONFIG_FILE).display()
+            );
+            print!("{}", cfg.to_toml()?);
+            println!("#");
+        }
+        println!(
+            "run {}  device {}  engine {}  data {} ({} train, {} test images of {}x{})",
+            run_dir.display(),
+            device::describe(&dev),
+            engine.name(),
+            ds.dir.display(),
+            ds.train.n,
+            ds.test.n,
+            ds.train.rows,
+            ds.train.cols
+        );
+        let test_px = eval::test_pixels(cfg, &ds.test);
+        Ok(Session {
+            cfg,
+            quiet: opts.quiet,
+            dev,
+            dim,
+            engine,
+            x_test,
+            run_dir,
+            lock: Some(lock),
+            done,
+            csv,
+            partial,
+            picture_z: pictures::fixed_z(cfg.seed, 64, cfg.model.latent),
+            test_px,
+            ds,
+        })
     }
 
-    let bs = cfg.train.batch_size;
-    let dynamic = cfg.data.binarize == Binarize::Dynamic;
-    let steps_per_epoch = n.div_ceil(bs);
-    let show_bar = !opts.quiet && std::io::stderr().is_terminal();
-    let mut partial = partial;
-    for epoch in done + 1..=cfg.train.epochs {
-        let bar = if show_bar {
-            let b = ProgressBar::new(steps_per_epoch as u64);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "epoch {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            b.set_prefix(epoch.to_string());
-            b
-        } else {
-            ProgressBar::hidden()
-        };
+    /// The test -ELBO of the current parameters, and the candle model that computed it.
+    fn evaluate(&self) -> Result<(Totals, Vae)> {
+        let m = self.engine.eval_model(self.cfg, self.dim, &self.dev)?;
+        let t = eval::evaluate(
+            &m,
+            &self.x_test,
+            self.cfg.train.eval_batch_size,
+            self.cfg.seed,
+        )?;
+        Ok((t, m))
+    }
+
+    /// Prints an epoch's line and adds it to metrics.csv (in memory).
+    fn log(&mut self, row: &EpochRow) {
+        println!("{}", row.line(self.cfg.train.epochs));
+        self.csv.push_str(&row.csv());
+    }
+
+    /// One epoch's steps: its shuffle, binarization and noise from the epoch's stream (replayed
+    /// up to where an interrupted run stopped), a checkpoint and exit on SIGINT / SIGTERM.
+    /// Returns the training -ELBO terms and the training seconds.
+    fn train_epoch(&mut self, epoch: usize) -> Result<(Totals, f64)> {
+        let (cfg, n) = (self.cfg, self.ds.train.n);
+        let bs = cfg.train.batch_size;
+        let dynamic = cfg.data.binarize == Binarize::Dynamic;
+        let steps_per_epoch = n.div_ceil(bs);
+        let bar = self.progress(epoch, steps_per_epoch);
         let t0 = Instant::now();
         let mut rng = epoch_rng(cfg.seed, epoch);
         let mut order: Vec<u32> = (0..n as u32).collect();
@@ -587,31 +378,35 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
         // read every DIVERGENCE_CHECK steps (the fused engine's are on the host every step).
         let (mut host, mut on_dev) = ((0f64, 0f64), None::<Tensor>);
         let (mut skip, mut seconds_before) = (0, 0.0);
-        if let Some(p) = partial.take() {
+        let samples = objective(cfg, self.engine.steps(), steps_per_epoch).samples;
+        if let Some(p) = self.partial.take() {
             // Resuming inside this epoch: replay the draws of the batches already done.
-            let o = objective(cfg, engine.steps(), steps_per_epoch);
             for chunk in order.chunks(bs).take(p.batches) {
                 skip_draws(
                     chunk.len(),
                     dynamic,
-                    dim,
-                    cfg.model.latent * o.samples,
+                    self.dim,
+                    cfg.model.latent * samples,
                     &mut rng,
                 );
             }
             (skip, host, seconds_before) = (p.batches, (p.recon_sum, p.kl_sum), p.seconds);
             bar.inc(skip as u64);
         }
-        let samples = objective(cfg, engine.steps(), steps_per_epoch).samples;
         let rest = &order[(skip * bs).min(order.len())..];
-        engine.begin_epoch(rest, dynamic, samples, cfg.model.latent, &mut rng)?;
+        self.engine
+            .begin_epoch(rest, dynamic, samples, cfg.model.latent, &mut rng)?;
         for (k, chunk) in order.chunks(bs).enumerate().skip(skip) {
-            let o = objective(cfg, engine.steps(), steps_per_epoch);
-            match engine.step(chunk, dynamic, cfg.model.latent, &o, &mut rng)? {
+            let o = objective(cfg, self.engine.steps(), steps_per_epoch);
+            self.engine.set_lr(cfg.train.lr);
+            match self
+                .engine
+                .step(chunk, dynamic, cfg.model.latent, &o, &mut rng)?
+            {
                 Sums::Host(r, kl) => {
                     host = (host.0 + r, host.1 + kl);
                     if !(r + kl).is_finite() {
-                        return Err(diverged(&run_dir, epoch, k + 1, steps_per_epoch, cfg));
+                        return Err(diverged(&self.run_dir, epoch, k + 1, steps_per_epoch, cfg));
                     }
                 }
                 Sums::Device(t) => {
@@ -623,7 +418,7 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
             }
             if let Some(t) = on_dev.as_ref().filter(|_| (k + 1) % DIVERGENCE_CHECK == 0) {
                 if !t.sum_all()?.to_scalar::<f32>()?.is_finite() {
-                    return Err(diverged(&run_dir, epoch, k + 1, steps_per_epoch, cfg));
+                    return Err(diverged(&self.run_dir, epoch, k + 1, steps_per_epoch, cfg));
                 }
             }
             bar.inc(1);
@@ -639,8 +434,15 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
                     kl_sum: host.1,
                     seconds: seconds_before + t0.elapsed().as_secs_f64(),
                 };
-                checkpoint(&engine, &run_dir, cfg, &ds, epoch - 1, Some(p))?;
-                stop_interrupted(lock, &run_dir, epoch, k + 1, steps_per_epoch);
+                checkpoint(
+                    &self.engine,
+                    &self.run_dir,
+                    cfg,
+                    &self.ds,
+                    epoch - 1,
+                    Some(p),
+                )?;
+                self.stop(epoch, k + 1, steps_per_epoch);
             }
         }
         if let Some(t) = on_dev {
@@ -651,7 +453,7 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
         bar.finish_and_clear();
         if !(host.0 + host.1).is_finite() {
             return Err(diverged(
-                &run_dir,
+                &self.run_dir,
                 epoch,
                 steps_per_epoch,
                 steps_per_epoch,
@@ -663,40 +465,74 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
             recon: host.0 / n as f64,
             kl: host.1 / n as f64,
         };
-        let (test, model) = evaluate(&engine)?;
+        Ok((train, seconds))
+    }
+
+    /// After an epoch's steps: the test -ELBO, the epoch's line, the checkpoint, metrics.csv and
+    /// the pictures; an interruption that came during them stops here.
+    fn end_epoch(&mut self, epoch: usize, train: Totals, seconds: f64) -> Result<()> {
+        let cfg = self.cfg;
+        let (test, model) = self.evaluate()?;
         let row = EpochRow {
             epoch,
-            step: engine.steps(),
+            step: self.engine.steps(),
             train: Some(train),
             test,
             seconds,
         };
-        println!("{}", row.line(cfg.train.epochs));
-        csv.push_str(&row.csv());
-        let state = checkpoint(&engine, &run_dir, cfg, &ds, epoch, None)?;
-        run::write_atomic(&run_dir.join(run::METRICS_FILE), csv.as_bytes())?;
+        self.log(&row);
+        let state = checkpoint(&self.engine, &self.run_dir, cfg, &self.ds, epoch, None)?;
+        run::write_atomic(&self.run_dir.join(run::METRICS_FILE), self.csv.as_bytes())?;
         let l = Loaded {
-            dir: run_dir.clone(),
+            dir: self.run_dir.clone(),
             cfg: cfg.clone(),
             state,
             model,
-            dev: dev.clone(),
+            dev: self.dev.clone(),
         };
-        pictures::epoch_pictures(&l, &run_dir, epoch, &picture_z, &test_px, &csv)?;
+        pictures::epoch_pictures(
+            &l,
+            &self.run_dir,
+            epoch,
+            &self.picture_z,
+            &self.test_px,
+            &self.csv,
+        )?;
         if interrupt::requested() && epoch < cfg.train.epochs {
-            stop_interrupted(lock, &run_dir, epoch + 1, 0, steps_per_epoch);
+            let steps_per_epoch = self.ds.train.n.div_ceil(cfg.train.batch_size);
+            self.stop(epoch + 1, 0, steps_per_epoch);
         }
+        Ok(())
     }
-    if let Some(mb) = peak_rss_mb() {
-        println!("peak resident memory {mb:.0} MB");
+
+    /// The epoch's progress bar on stderr when it is a terminal, else a hidden one.
+    fn progress(&self, epoch: usize, steps: usize) -> ProgressBar {
+        if self.quiet || !std::io::stderr().is_terminal() {
+            return ProgressBar::hidden();
+        }
+        let b = ProgressBar::new(steps as u64);
+        b.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b.set_prefix(epoch.to_string());
+        b
     }
-    println!(
-        "saved {}  (vae eval --run {} for the full test set)",
-        run_dir.display(),
-        run_dir.display()
-    );
-    drop(lock);
-    Ok(run_dir)
+
+    /// Ends the process after an interruption's checkpoint, releasing the lock first.
+    fn stop(&mut self, epoch: usize, batch: usize, per_epoch: usize) -> ! {
+        drop(self.lock.take());
+        eprintln!(
+            "interrupted: checkpoint saved at epoch {epoch}, batch {batch}/{per_epoch} in {}; \
+             continue with `vae train --resume --run {}`",
+            self.run_dir.display(),
+            self.run_dir.display()
+        );
+        std::process::exit(130)
+    }
 }
 
 /// Steps between the autograd engine's finiteness checks (each reads one number to the host).
@@ -746,19 +582,6 @@ fn checkpoint(
     Ok(state)
 }
 
-/// The draws one batch of `b` images takes from the epoch's stream, discarded: the same count
-/// and order as `Engine::step`.
-fn skip_draws(b: usize, dynamic: bool, dim: usize, noise_per_image: usize, rng: &mut StdRng) {
-    if dynamic {
-        for _ in 0..b * dim {
-            let _: f32 = rng.random();
-        }
-    }
-    for _ in 0..b * noise_per_image {
-        let _: f32 = StandardNormal.sample(rng);
-    }
-}
-
 fn diverged(
     run_dir: &Path,
     epoch: usize,
@@ -775,24 +598,6 @@ fn diverged(
         cfg.train.lr / 10.0,
         run_dir.display()
     )
-}
-
-/// Ends the process after an interruption's checkpoint, releasing the lock first.
-fn stop_interrupted(
-    lock: run::Lock,
-    run_dir: &Path,
-    epoch: usize,
-    batch: usize,
-    per_epoch: usize,
-) -> ! {
-    drop(lock);
-    eprintln!(
-        "interrupted: checkpoint saved at epoch {epoch}, batch {batch}/{per_epoch} in {}; \
-         continue with `vae train --resume --run {}`",
-        run_dir.display(),
-        run_dir.display()
-    );
-    std::process::exit(130)
 }
 
 /// This process's peak resident set (VmHWM in /proc/self/status), Linux only.

@@ -37,7 +37,7 @@ pub fn neg_log_likelihood(
     if cfg.kind == ModelKind::Ae {
         bail!("--iw: an autoencoder has no q(z|x) to sample, so no likelihood estimate");
     }
-    if k == 0 || x.len() % dim != 0 {
+    if k == 0 || !x.len().is_multiple_of(dim) {
         bail!("--iw {k}: need K >= 1 and whole images");
     }
     let net = Net::new(cfg, dim);

@@ -311,6 +311,7 @@ unsafe fn gemm_raw(
 }
 
 #[cfg(test)]
+#[allow(clippy::approx_constant)] // hand-computed expected values, written as computed
 mod tests {
     use super::*;
     use rand::rngs::StdRng;

@@ -143,6 +143,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::approx_constant)] // hand-computed expected values, written as computed
 mod tests {
     use super::*;
 
