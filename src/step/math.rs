@@ -120,6 +120,31 @@ pub fn col_sums(out: &mut [f32], d: &[f32], n: usize) {
     })
 }
 
+/// Moves rows `keep[i]` of `buf` (rows of `width`) to row i, in place; `keep` increasing.
+pub fn gather_rows(buf: &mut [f32], keep: &[u32], width: usize) {
+    for (i, &r) in keep.iter().enumerate() {
+        let r = r as usize;
+        if r != i {
+            buf.copy_within(r * width..(r + 1) * width, i * width);
+        }
+    }
+}
+
+/// The inverse of `gather_rows` over `rows` rows: row i goes back to row `keep[i]`, and the
+/// rows not kept become zero.
+pub fn scatter_rows(buf: &mut [f32], keep: &[u32], width: usize, rows: usize) {
+    let mut next = rows;
+    for (i, &r) in keep.iter().enumerate().rev() {
+        let r = r as usize;
+        buf[(r + 1) * width..next * width].fill(0.0);
+        if r != i {
+            buf.copy_within(i * width..(i + 1) * width, r * width);
+        }
+        next = r;
+    }
+    buf[..next * width].fill(0.0);
+}
+
 /// log sum_i e^{v_i}, stable (the max taken out), in f64: the importance weights' scale.
 pub fn logsumexp(v: &[f64]) -> f64 {
     let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -337,6 +362,20 @@ mod tests {
         // Extremes stay finite: softplus(100) = 100, softplus(-100) ~ 0.
         assert_eq!(softplus_and_sigmoid(100.0).0, 100.0);
         assert!(softplus_and_sigmoid(-100.0).0 < 1e-30);
+    }
+
+    #[test]
+    fn gather_and_scatter_rows() {
+        // Rows [a, b, c, d] of width 2; keep rows 1 and 3: gathered [b, d, ..]; scattered back
+        // [0, b, 0, d].
+        let mut v = vec![1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5];
+        gather_rows(&mut v, &[1, 3], 2);
+        assert_eq!(&v[..4], &[2.0, 2.5, 4.0, 4.5]);
+        scatter_rows(&mut v, &[1, 3], 2, 4);
+        assert_eq!(v, vec![0.0, 0.0, 2.0, 2.5, 0.0, 0.0, 4.0, 4.5]);
+        let mut v = vec![1.0, 2.0, 3.0];
+        scatter_rows(&mut v, &[], 1, 3);
+        assert_eq!(v, vec![0.0; 3]);
     }
 
     #[test]

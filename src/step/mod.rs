@@ -406,6 +406,10 @@ pub struct Work {
     d1: Vec<f32>,
     d2: Vec<f32>,
     d_hd: Vec<f32>,
+    /// IWAE: the sample rows the backward keeps (`objective::iwae_keep`), and the decoder's
+    /// input gathered to them.
+    keep: Vec<u32>,
+    zc: Vec<f32>,
     /// Gaussian decoder: floored log-variance and its inverse (D), and the second worker's share
     /// of the learned log-variance's gradient.
     lv: Vec<f32>,
@@ -447,6 +451,8 @@ impl Work {
             d1: vec![0.0; rows * widest.max(net.hc()).max(z)],
             d2: vec![0.0; rows * widest.max(net.hc()).max(z)],
             d_hd: vec![0.0; cap * net.hc()],
+            keep: Vec::with_capacity(rows),
+            zc: vec![0.0; rows * z],
             lv: vec![0.0; dim],
             inv: vec![0.0; dim],
             g_lv2: vec![0.0; dim],
@@ -481,6 +487,8 @@ pub struct Fused {
     kl_weight: f32,
     free_bits: f32,
     lr: f64,
+    /// IWAE: run the backward over every sample, negligible weights included (for tests).
+    pub iw_all_rows: bool,
 }
 
 impl Fused {
@@ -521,6 +529,7 @@ impl Fused {
             kl_weight: 1.0,
             free_bits: 0.0,
             lr: adam.lr,
+            iw_all_rows: false,
         })
     }
 
@@ -708,6 +717,23 @@ impl Fused {
             w.ckl.fill(0.0);
         }
 
+        // IWAE: samples whose weight is negligible (under f32 rounding of their image's largest)
+        // leave the decoder's backward; when enough do, its rows are gathered to those kept.
+        let mut brows = rows;
+        let compact = kind == Kind::Iwae && !self.iw_all_rows && {
+            objective::iwae_keep(&mut w.cq[..rows], s, &mut w.keep);
+            w.keep.len() * 8 < rows * 7
+        };
+        if compact {
+            brows = w.keep.len();
+            math::gather_rows(&mut w.d_out, &w.keep, net.dim);
+            for (i, l) in net.dec.iter().enumerate() {
+                math::gather_rows(&mut w.dec_a[i], &w.keep, l.n_out);
+                math::gather_rows(&mut w.dec_h[i], &w.keep, l.n_out);
+            }
+            w.zc[..rows * z].copy_from_slice(&w.zs[flows][..rows * z]);
+            math::gather_rows(&mut w.zc, &w.keep, z);
+        }
         let mut theta = std::mem::take(&mut self.theta);
         let th = &mut theta;
         let g = &mut self.grad;
@@ -720,7 +746,7 @@ impl Fused {
             &w.d_out,
             th,
             lo,
-            rows,
+            brows,
             true,
         );
         // The output layer's Adam step (and the learned decoder log-variance's, stored after it)
@@ -742,12 +768,12 @@ impl Fused {
                 let st = &mut s_lo;
                 // Decoder layers, last to first; d1 holds d(loss)/d(output of the layer).
                 for (i, l) in net.dec.iter().enumerate().rev() {
-                    let n = rows * l.n_out;
+                    let n = brows * l.n_out;
                     linear::act_backward(&mut w.d1[..n], &w.dec_a[i][..n], &w.dec_h[i][..n], act);
-                    let input: &[f32] = if i == 0 {
-                        &w.zs[flows]
-                    } else {
-                        &w.dec_h[i - 1]
+                    let input: &[f32] = match i {
+                        0 if compact => &w.zc,
+                        0 => &w.zs[flows],
+                        _ => &w.dec_h[i - 1],
                     };
                     linear::linear_backward(
                         st.g,
@@ -756,11 +782,14 @@ impl Fused {
                         &w.d1,
                         th,
                         *l,
-                        rows,
+                        brows,
                         true,
                     );
                     adam_range(&adam, th, st, l.w, l.end());
                     std::mem::swap(&mut w.d1, &mut w.d2);
+                }
+                if compact {
+                    math::scatter_rows(&mut w.d1, &w.keep, z, rows);
                 }
                 // d1 holds dz_K (B S, Z); log q - log p's -log p(z_K) = |z_K|^2 / 2 adds cq z_K.
                 if use_cq {

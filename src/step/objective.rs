@@ -41,6 +41,28 @@ pub fn iwae(nll: &[f32], lqp: &[f32], c: &mut [f32]) -> f64 {
     -(lse - (s as f64).ln())
 }
 
+/// Below this fraction of its image's largest normalized weight, a sample's terms in the IWAE
+/// gradient are under f32's rounding of the largest sample's term (2^-24): the backward leaves
+/// such samples out.
+pub const IW_NEGLIGIBLE: f32 = 1.0 / 16_777_216.0;
+
+/// The samples of each image (runs of `s` in `c`) whose normalized weight is at least
+/// `IW_NEGLIGIBLE` of the image's largest, as increasing row indices into `keep`; the others'
+/// weights in `c` become 0.
+pub fn iwae_keep(c: &mut [f32], s: usize, keep: &mut Vec<u32>) {
+    keep.clear();
+    for (b, w) in c.chunks_exact_mut(s).enumerate() {
+        let cut = w.iter().copied().fold(0f32, f32::max) * IW_NEGLIGIBLE;
+        for (j, v) in w.iter_mut().enumerate() {
+            if *v >= cut {
+                keep.push((b * s + j) as u32);
+            } else {
+                *v = 0.0;
+            }
+        }
+    }
+}
+
 /// The free-bits mask of Kingma et al. (2016) as per-dimension KL weights: `kl_dim` (Z) holds the
 /// batch's summed KL per dimension; a dimension whose batch-mean KL is under `free_bits` nats
 /// is not penalized (weight 0), the others weigh `weight`.
@@ -70,6 +92,17 @@ mod tests {
         // One sample: the ELBO, weight 1.
         let mut c = [0f32; 1];
         assert!((iwae(&[2.0], &[1.0], &mut c) - 3.0).abs() < 1e-9 && c[0] == 1.0);
+    }
+
+    #[test]
+    fn negligible_samples_are_dropped() {
+        // Image 0: weights [1 - 1e-9, 1e-9]: the second is under 2^-24 of the first. Image 1:
+        // [0.5, 0.5]: both kept.
+        let mut c = [1.0 - 1e-9, 1e-9, 0.5, 0.5];
+        let mut keep = Vec::new();
+        iwae_keep(&mut c, 2, &mut keep);
+        assert_eq!(keep, vec![0, 2, 3]);
+        assert_eq!(c[1], 0.0);
     }
 
     #[test]

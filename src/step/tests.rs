@@ -341,3 +341,53 @@ fn iw_estimate_matches_candle_log_weights() {
         }
     }
 }
+
+#[test]
+fn iwae_leaves_out_only_negligible_samples() {
+    // Wide weights (large logits, 20 samples of a 100-pixel image) so that many samples' normalized
+    // weights fall under 2^-24 of their image's largest: the compacted backward must give the
+    // gradients of the backward over every sample, to f32 rounding.
+    let model = small(vec![16], 3);
+    let cfg = config(model.clone(), 1, 20);
+    let (dim, b, s) = (100, 4, 20);
+    let (mut params, x, eps) = fixture(&model, dim, b, s, 9);
+    for t in params.values_mut() {
+        *t = (t.clone() * 3.0).unwrap();
+    }
+    let x: Vec<f32> = x.iter().map(|v| (*v > 0.5) as u8 as f32).collect();
+    let adam = AdamConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut grads = Vec::new();
+    for all in [false, true] {
+        let mut f = Fused::new(&cfg, dim, &params, adam, b).unwrap();
+        f.iw_all_rows = all;
+        f.x_mut(b).copy_from_slice(&x);
+        f.eps_mut(b).copy_from_slice(&eps);
+        f.loss_and_grads(b);
+        if !all {
+            let kept = f.work.keep.len();
+            assert!(kept * 8 < b * s * 7, "only {kept} of {} left out", b * s);
+        }
+        grads.push(f.grads().unwrap());
+    }
+    for (name, t) in &grads[1] {
+        let want = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = grads[0][name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * scale,
+                "d{name}[{i}] = {g}, all rows {w}"
+            );
+        }
+    }
+}
