@@ -8,7 +8,8 @@
 # VARIANT: ref (the pytorch/examples recipe), iwae5, iwae50, mc5 (K = 5 or 50 samples per image,
 # importance-weighted or averaged), burda (784-200-200-50 tanh, batch 20, dynamic binarization),
 # burda-iwae5 (the same with IWAE k = 5).
-# PYTHON names an interpreter with torch (default: python3); PEER the peer script.
+# PYTHON names an interpreter with torch (default: python3); PEER the peer script; VAE_BIN a
+# built vae binary to time instead of building target/release/vae.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${1:-10}
@@ -30,12 +31,13 @@ case "$VARIANT" in
 esac
 "$PY" -c 'import torch' 2>/dev/null || { echo "error: $PY has no torch; set PYTHON (see ../shared/bench/README.md)" >&2; exit 1; }
 [ -f "$PEER" ] || { echo "error: no peer script at $PEER; set PEER" >&2; exit 1; }
-cargo build --release -q
+# VAE_BIN names a built binary to time (default: build target/release/vae now).
+if [ -z "${VAE_BIN:-}" ]; then cargo build --release -q; VAE_BIN=target/release/vae; fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r/$ROUNDS: vae $VARIANT" >&2
-  /usr/bin/time -f '%M' -o "$tmp/vae-$r.rss" target/release/vae train -q --config mnist.toml \
+  /usr/bin/time -f '%M' -o "$tmp/vae-$r.rss" "$VAE_BIN" train -q --config mnist.toml \
     --set train.epochs="$EPOCHS" "${VAE[@]}" --run "$tmp/vae-$r" > "$tmp/vae-$r.log"
   echo "round $r/$ROUNDS: pytorch $VARIANT" >&2
   /usr/bin/time -f '%M' -o "$tmp/torch-$r.rss" "$PY" "$PEER" --data data/mnist \

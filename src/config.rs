@@ -73,6 +73,23 @@ pub struct ModelConfig {
     pub learn_sigma: bool,
     pub flows: usize,
     pub flow_params: FlowParams,
+    pub output_bias: OutputBias,
+    /// Clip of the encoder's log-variance (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logvar_min: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logvar_max: Option<f64>,
+}
+
+/// How the decoder's output bias starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputBias {
+    /// As every other bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default.
+    Default,
+    /// The logit of each training pixel's mean, clipped to [0.001, 0.999] (Burda et al.'s code),
+    /// so the untrained decoder already outputs the mean image.
+    DataMean,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +145,26 @@ pub struct TrainConfig {
     pub free_bits: f64,
     pub mc_samples: usize,
     pub iw_samples: usize,
+    pub lr_schedule: LrSchedule,
+    pub lr_gamma: f64,
+    pub lr_step_epochs: usize,
+    pub lr_min: f64,
+}
+
+/// How the learning rate moves over epochs (`schedule::lr`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// `train.lr` throughout.
+    Constant,
+    /// Burda et al. (2015): lr * 10^(-i/7) for 3^i epochs, i = 0..7 (3,280 epochs in all).
+    Burda,
+    /// lr * lr_gamma^(epoch - 1).
+    Exponential,
+    /// lr * lr_gamma^floor((epoch - 1) / lr_step_epochs).
+    Step,
+    /// From lr down to lr_min over `train.epochs` on a half cosine.
+    Cosine,
 }
 
 /// How a training step is computed.
@@ -179,6 +216,9 @@ impl Default for ModelConfig {
             learn_sigma: false,
             flows: 0,
             flow_params: FlowParams::Amortized,
+            output_bias: OutputBias::Default,
+            logvar_min: None,
+            logvar_max: None,
         }
     }
 }
@@ -200,6 +240,10 @@ impl Default for TrainConfig {
             free_bits: 0.0,
             mc_samples: 1,
             iw_samples: 1,
+            lr_schedule: LrSchedule::Constant,
+            lr_gamma: 0.5,
+            lr_step_epochs: 10,
+            lr_min: 0.0,
         }
     }
 }
@@ -360,6 +404,15 @@ impl Config {
             pos(h, &format!("model.hidden[{i}]"))?;
         }
         pos(self.model.latent, "model.latent")?;
+        let (lo, hi) = (
+            self.model.logvar_min.unwrap_or(f64::NEG_INFINITY),
+            self.model.logvar_max.unwrap_or(f64::INFINITY),
+        );
+        if lo.is_nan() || hi.is_nan() || lo >= hi {
+            bail!(
+                "keys `model.logvar_min` and `model.logvar_max`: need min < max, got {lo} and {hi}"
+            );
+        }
         posf(self.model.sigma, "model.sigma")?;
         pos(self.train.epochs, "train.epochs")?;
         pos(self.train.batch_size, "train.batch_size")?;
@@ -393,6 +446,17 @@ impl Config {
         }
         pos(t.mc_samples, "train.mc_samples")?;
         pos(t.iw_samples, "train.iw_samples")?;
+        pos(t.lr_step_epochs, "train.lr_step_epochs")?;
+        if !(t.lr_gamma.is_finite() && t.lr_gamma > 0.0 && t.lr_gamma <= 1.0) {
+            bail!("key `train.lr_gamma` must be in (0, 1], got {}", t.lr_gamma);
+        }
+        if !(t.lr_min.is_finite() && t.lr_min >= 0.0 && t.lr_min <= t.lr) {
+            bail!(
+                "key `train.lr_min` must be in [0, train.lr = {}], got {}",
+                t.lr,
+                t.lr_min
+            );
+        }
         if t.mc_samples > 1 && t.iw_samples > 1 {
             bail!(
                 "keys `train.mc_samples` and `train.iw_samples`: set one of them above 1, not both"

@@ -14,5 +14,6 @@ pub mod picture;
 pub mod pictures;
 pub mod plot;
 pub mod run;
+pub mod schedule;
 pub mod step;
 pub mod train;

@@ -183,7 +183,7 @@ impl Vae {
         let h = self.enc.forward(x)?;
         let mu = self.enc_mu.forward(&h)?;
         let lv = match &self.enc_logvar {
-            Some(l) => l.forward(&h)?,
+            Some(l) => clip_logvar(&l.forward(&h)?, &self.cfg)?,
             None => mu.zeros_like()?,
         };
         let fp = match &self.flows {
@@ -373,6 +373,51 @@ impl Vae {
     }
 }
 
+/// The encoder's log-variance clipped to [model.logvar_min, model.logvar_max] (Tomczak & Welling's
+/// hardtanh to [-6, 2]); no gradient flows where the clip holds. Unbounded by default.
+fn clip_logvar(lv: &Tensor, cfg: &ModelConfig) -> Result<Tensor> {
+    let mut lv = lv.clone();
+    if let Some(lo) = cfg.logvar_min {
+        lv = lv.maximum(lo)?;
+    }
+    if let Some(hi) = cfg.logvar_max {
+        lv = lv.minimum(hi)?;
+    }
+    Ok(lv)
+}
+
+/// Sets the decoder's output bias to the logit of each pixel's mean over `pixels` (n, D),
+/// clipped to [0.001, 0.999] (`model.output_bias = "data-mean"`).
+pub fn data_mean_output_bias(
+    params: &mut HashMap<String, Tensor>,
+    pixels: &[u8],
+    dim: usize,
+) -> Result<()> {
+    let n = (pixels.len() / dim).max(1);
+    let mut sum = vec![0f64; dim];
+    for row in pixels.chunks_exact(dim) {
+        for (s, &p) in sum.iter_mut().zip(row) {
+            *s += crate::data::pixel(p) as f64;
+        }
+    }
+    let bias: Vec<f32> = sum
+        .iter()
+        .map(|s| {
+            let p = (s / n as f64).clamp(0.001, 0.999);
+            (p / (1.0 - p)).ln() as f32
+        })
+        .collect();
+    let dev = params
+        .get("decoder.out.bias")
+        .map(|t| t.device().clone())
+        .unwrap_or(Device::Cpu);
+    params.insert(
+        "decoder.out.bias".into(),
+        Tensor::from_vec(bias, dim, &dev)?,
+    );
+    Ok(())
+}
+
 /// Every parameter's name, shape, and fan-in, in a fixed order.
 pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usize>, usize)> {
     let mut v = Vec::new();
@@ -533,6 +578,24 @@ pub fn snapshot(vm: &VarMap) -> Result<HashMap<String, Tensor>> {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn data_mean_bias_is_the_pixel_logit() {
+        // Two 2-pixel images [0, 255] and [0, 51]: means [0, 0.6] -> logits [logit(0.001), ln 1.5].
+        let cfg = ModelConfig {
+            hidden: vec![3],
+            latent: 2,
+            ..Default::default()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let mut p = init_params(&cfg, 2, &mut rng, &Device::Cpu).unwrap();
+        data_mean_output_bias(&mut p, &[0, 255, 0, 51], 2).unwrap();
+        let b = p["decoder.out.bias"].to_vec1::<f32>().unwrap();
+        assert!(
+            (b[0] + 6.906755).abs() < 1e-4 && (b[1] - 0.405465).abs() < 1e-5,
+            "{b:?}"
+        );
+    }
 
     #[test]
     fn reparameterization_with_fixed_eps() {

@@ -6,7 +6,7 @@
 //! Every random draw (init, shuffles, eps, binarization) comes from one `StdRng` seeded with
 //! `seed`, in a fixed order, so a seed and a device give one sequence of numbers.
 
-use crate::config::{Binarize, Config};
+use crate::config::{Binarize, Config, OutputBias};
 use crate::data;
 use crate::device;
 use crate::engine::{skip_draws, Engine, Sums};
@@ -272,7 +272,10 @@ impl<'a> Session<'a> {
         // The init stream: parameters first, then the static binarization, so a seed's init
         // does not depend on the data options. A resumed run replays it to binarize identically.
         let mut rng = StdRng::seed_from_u64(cfg.seed);
-        let fresh = model::init_params(&cfg.model, dim, &mut rng, &dev)?;
+        let mut fresh = model::init_params(&cfg.model, dim, &mut rng, &dev)?;
+        if cfg.model.output_bias == OutputBias::DataMean {
+            model::data_mean_output_bias(&mut fresh, &ds.train.images, dim)?;
+        }
         // Kept as bytes (b / 255 is the pixel): a quarter of the f32 copy's memory.
         let mut train_bytes = std::mem::take(&mut ds.train.images);
         if cfg.data.binarize == Binarize::Static {
@@ -396,9 +399,9 @@ impl<'a> Session<'a> {
         let rest = &order[(skip * bs).min(order.len())..];
         self.engine
             .begin_epoch(rest, dynamic, samples, cfg.model.latent, &mut rng)?;
+        self.engine.set_lr(crate::schedule::lr(&cfg.train, epoch));
         for (k, chunk) in order.chunks(bs).enumerate().skip(skip) {
             let o = objective(cfg, self.engine.steps(), steps_per_epoch);
-            self.engine.set_lr(cfg.train.lr);
             match self
                 .engine
                 .step(chunk, dynamic, cfg.model.latent, &o, &mut rng)?

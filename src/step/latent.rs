@@ -16,6 +16,9 @@ pub struct Dims {
     pub s: usize,
     pub z: usize,
     pub hc: usize,
+    /// The clip on logvar (`model.logvar_min`, `model.logvar_max`; infinite when off).
+    pub lv_min: f32,
+    pub lv_max: f32,
 }
 
 /// Forward. Adds the head bias `hb` (Hc) to every row of `hd` (B, Hc); then per image
@@ -35,7 +38,14 @@ pub fn gaussian_forward(
     kl_dim: &mut [f32],
     d: Dims,
 ) -> f64 {
-    let Dims { b, s, z, hc } = d;
+    let Dims {
+        b,
+        s,
+        z,
+        hc,
+        lv_min,
+        lv_max,
+    } = d;
     simd!({
         let mut kl = 0f64;
         kl_dim.fill(0.0);
@@ -47,7 +57,7 @@ pub fn gaussian_forward(
             let mut acc = 0f32;
             let mut lv_sum = 0f32;
             for j in 0..z {
-                let (mu, lv) = (row[j], row[z + j]);
+                let (mu, lv) = (row[j], row[z + j].clamp(lv_min, lv_max));
                 let sd = exp_f32(0.5 * lv);
                 sigma[r * z + j] = sd;
                 let k = mu * mu + sd * sd - lv - 1.0;
@@ -87,7 +97,14 @@ pub fn gaussian_backward(
     ckl: &[f32],
     d: Dims,
 ) {
-    let Dims { b, s, z, hc } = d;
+    let Dims {
+        b,
+        s,
+        z,
+        hc,
+        lv_min,
+        lv_max,
+    } = d;
     simd!({
         for r in 0..b {
             let q: f32 = cq.map_or(0.0, |c| c[r * s..(r + 1) * s].iter().sum());
@@ -100,7 +117,10 @@ pub fn gaussian_backward(
                 }
                 let c = ckl[j];
                 d_hd[r * hc + j] = gm + c * mu;
-                d_hd[r * hc + z + j] = 0.5 * ge * sd - 0.5 * q + c * 0.5 * (sd * sd - 1.0);
+                // The clip passes no gradient where it holds.
+                let raw = hd[r * hc + z + j];
+                let open = (raw > lv_min && raw < lv_max) as u8 as f32;
+                d_hd[r * hc + z + j] = open * (0.5 * ge * sd - 0.5 * q + c * 0.5 * (sd * sd - 1.0));
             }
         }
     })
@@ -141,6 +161,8 @@ mod tests {
             s: 1,
             z: 2,
             hc: 4,
+            lv_min: f32::NEG_INFINITY,
+            lv_max: f32::INFINITY,
         };
         let kl = gaussian_forward(
             &mut hd,

@@ -143,6 +143,17 @@ impl Net {
         self.head.n_out
     }
 
+    fn dims(&self, b: usize, s: usize) -> Dims {
+        Dims {
+            b,
+            s,
+            z: self.cfg.latent,
+            hc: self.hc(),
+            lv_min: self.cfg.logvar_min.map_or(f32::NEG_INFINITY, |v| v as f32),
+            lv_max: self.cfg.logvar_max.map_or(f32::INFINITY, |v| v as f32),
+        }
+    }
+
     fn is_ae(&self) -> bool {
         self.cfg.kind == ModelKind::Ae
     }
@@ -176,12 +187,7 @@ impl Net {
         let top = &w.enc_h[self.enc.len() - 1];
         linear::linear_forward(&mut w.hd, top, th, self.head, b, par);
         let hb = &th[self.head.b..self.head.end()];
-        let d = Dims {
-            b,
-            s,
-            z,
-            hc: self.hc(),
-        };
+        let d = self.dims(b, s);
         let kl = if self.is_ae() {
             latent::identity_forward(&mut w.hd, hb, &mut w.zs[0], b, z);
             w.lq[..rows].fill(0.0);
@@ -825,12 +831,7 @@ impl Fused {
                 if let Some(off) = net.global_flows {
                     adam_range(&adam, th, st, off, off + flows * (2 * z + 1));
                 }
-                let d = Dims {
-                    b,
-                    s,
-                    z,
-                    hc: net.hc(),
-                };
+                let d = net.dims(b, s);
                 if kind == Kind::Ae {
                     latent::identity_backward(&mut w.d_hd, &w.d1, b, z);
                 } else {

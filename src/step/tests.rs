@@ -198,6 +198,27 @@ fn plain_vae_every_activation_and_decoder() {
 }
 
 #[test]
+fn logvar_clip() {
+    // A clip narrow enough that some of the fixture's log-variances fall outside it.
+    check(ModelConfig {
+        logvar_min: Some(-0.05),
+        logvar_max: Some(0.05),
+        ..small(vec![7, 5], 4)
+    });
+    check_with(
+        ModelConfig {
+            logvar_min: Some(-0.05),
+            logvar_max: Some(0.05),
+            ..small(vec![7], 3)
+        },
+        1,
+        3,
+        1.0,
+        false,
+    );
+}
+
+#[test]
 fn kl_weight_and_free_bits() {
     check_with(small(vec![7, 5], 3), 1, 1, 0.37, false);
     check_with(small(vec![7, 5], 4), 1, 1, 1.0, true);

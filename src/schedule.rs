@@ -1,0 +1,74 @@
+//! Learning-rate schedules over epochs (`train.lr_schedule`): constant; Burda, Grosse &
+//! Salakhutdinov's (2015, section 5) lr * 10^(-i/7) for 3^i epochs, i = 0..7; exponential and
+//! step decay; and the half-cosine annealing of Loshchilov & Hutter (2017) without restarts.
+//! The rate is set once per epoch, so a resumed run takes the same rates as an unbroken one.
+
+use crate::config::{LrSchedule, TrainConfig};
+
+/// The learning rate of epoch `epoch` (1-based).
+pub fn lr(t: &TrainConfig, epoch: usize) -> f64 {
+    let e = epoch.max(1);
+    match t.lr_schedule {
+        LrSchedule::Constant => t.lr,
+        LrSchedule::Burda => {
+            // Stage i covers epochs (sum_{j<i} 3^j, sum_{j<=i} 3^j]; past stage 7 it stays.
+            let (mut i, mut end) = (0u32, 1usize);
+            while e > end && i < 7 {
+                i += 1;
+                end += 3usize.pow(i);
+            }
+            t.lr * 10f64.powf(-(i as f64) / 7.0)
+        }
+        LrSchedule::Exponential => t.lr * t.lr_gamma.powi((e - 1) as i32),
+        LrSchedule::Step => t.lr * t.lr_gamma.powi(((e - 1) / t.lr_step_epochs) as i32),
+        LrSchedule::Cosine => {
+            let frac = ((e - 1) as f64 / t.epochs.max(1) as f64).min(1.0);
+            t.lr_min + (t.lr - t.lr_min) * 0.5 * (1.0 + (std::f64::consts::PI * frac).cos())
+        }
+    }
+}
+
+/// Epochs in Burda et al.'s whole schedule: sum_{i=0}^{7} 3^i.
+pub const BURDA_EPOCHS: usize = 3280;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(s: LrSchedule) -> TrainConfig {
+        TrainConfig {
+            lr: 1e-3,
+            lr_schedule: s,
+            lr_gamma: 0.5,
+            lr_step_epochs: 10,
+            lr_min: 1e-5,
+            epochs: 100,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hand_values() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12 * b.abs().max(1e-12);
+        let b = cfg(LrSchedule::Burda);
+        // Stage 0: epoch 1; stage 1: epochs 2-4; stage 2: 5-13; ... stage 7 ends at 3280.
+        assert!(close(lr(&b, 1), 1e-3));
+        assert!(close(lr(&b, 2), 1e-3 * 10f64.powf(-1.0 / 7.0)));
+        assert!(close(lr(&b, 4), 1e-3 * 10f64.powf(-1.0 / 7.0)));
+        assert!(close(lr(&b, 5), 1e-3 * 10f64.powf(-2.0 / 7.0)));
+        assert!(close(lr(&b, 13), 1e-3 * 10f64.powf(-2.0 / 7.0)));
+        assert!(close(lr(&b, 14), 1e-3 * 10f64.powf(-3.0 / 7.0)));
+        assert!(close(lr(&b, BURDA_EPOCHS), 1e-4));
+        assert!(close(lr(&b, BURDA_EPOCHS + 5), 1e-4));
+        assert_eq!((0..=7).map(|i| 3usize.pow(i)).sum::<usize>(), BURDA_EPOCHS);
+        // Exponential halving: 1e-3, 5e-4, 2.5e-4; step: halves after epochs 10 and 20.
+        let x = cfg(LrSchedule::Exponential);
+        assert!(close(lr(&x, 1), 1e-3) && close(lr(&x, 3), 2.5e-4));
+        let s = cfg(LrSchedule::Step);
+        assert!(close(lr(&s, 10), 1e-3) && close(lr(&s, 11), 5e-4) && close(lr(&s, 21), 2.5e-4));
+        // Cosine: lr at epoch 1, the midpoint (lr + lr_min) / 2 at epoch 51 of 100.
+        let c = cfg(LrSchedule::Cosine);
+        assert!(close(lr(&c, 1), 1e-3) && close(lr(&c, 51), (1e-3 + 1e-5) / 2.0));
+        assert!(close(lr(&cfg(LrSchedule::Constant), 77), 1e-3));
+    }
+}
