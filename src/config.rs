@@ -47,6 +47,8 @@ pub struct DataConfig {
     pub binarize: Binarize,
     pub limit: usize,
     pub test_limit: usize,
+    /// Hold out the last N training images for validation (0 = none).
+    pub valid: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +151,8 @@ pub struct TrainConfig {
     pub lr_gamma: f64,
     pub lr_step_epochs: usize,
     pub lr_min: f64,
+    /// Stop after this many epochs without a better validation -ELBO (0 = never).
+    pub patience: usize,
 }
 
 /// How the learning rate moves over epochs (`schedule::lr`).
@@ -200,6 +204,7 @@ impl Default for DataConfig {
             binarize: Binarize::None,
             limit: 0,
             test_limit: 0,
+            valid: 0,
         }
     }
 }
@@ -244,6 +249,7 @@ impl Default for TrainConfig {
             lr_gamma: 0.5,
             lr_step_epochs: 10,
             lr_min: 0.0,
+            patience: 0,
         }
     }
 }
@@ -447,6 +453,9 @@ impl Config {
         pos(t.mc_samples, "train.mc_samples")?;
         pos(t.iw_samples, "train.iw_samples")?;
         pos(t.lr_step_epochs, "train.lr_step_epochs")?;
+        if t.patience > 0 && self.data.valid == 0 {
+            bail!("key `train.patience` stops on the validation -ELBO; set `data.valid = N` to hold out N training images");
+        }
         if !(t.lr_gamma.is_finite() && t.lr_gamma > 0.0 && t.lr_gamma <= 1.0) {
             bail!("key `train.lr_gamma` must be in (0, 1], got {}", t.lr_gamma);
         }

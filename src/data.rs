@@ -27,6 +27,23 @@ impl Split {
         self.rows * self.cols
     }
 
+    /// The last `n` images as a split of their own, removed from this one.
+    pub fn split_off_last(&mut self, n: usize) -> Split {
+        let keep = self.n - n.min(self.n);
+        let d = self.dim();
+        let images = self.images.split_off(keep * d);
+        let labels = self.labels.split_off(keep.min(self.labels.len()));
+        let taken = self.n - keep;
+        self.n = keep;
+        Split {
+            images,
+            labels,
+            n: taken,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
     fn truncate(&mut self, limit: usize) {
         if limit > 0 && limit < self.n {
             self.n = limit;

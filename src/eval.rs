@@ -262,7 +262,7 @@ pub fn run_eval(
     if json {
         let v = serde_json::json!({
             "run": run_dir.display().to_string(),
-            "epoch": state.map(|s| s.epoch),
+            "epoch": state.map(|s| s.valid.map_or(s.epoch, |b| b.epoch)),
             "images": t.n,
             "neg_elbo": t.nelbo(),
             "recon": t.recon,
@@ -275,8 +275,15 @@ pub fn run_eval(
         });
         println!("{v}");
     } else {
+        // With a validation split the run's model is its best epoch, not its last.
         let epoch = state
-            .map(|s| format!(", epoch {}", s.epoch))
+            .map(|s| match s.valid {
+                Some(b) => format!(
+                    ", epoch {} (best validation -ELBO of the {} trained)",
+                    b.epoch, s.epoch
+                ),
+                None => format!(", epoch {}", s.epoch),
+            })
             .unwrap_or_default();
         if l.model.is_ae() {
             println!(

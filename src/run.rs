@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIM_FILE: &str = "optimizer.safetensors";
+/// With a validation split, the latest weights (for `--resume`); `MODEL_FILE` is then the best.
+pub const LAST_FILE: &str = "last.safetensors";
 pub const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.csv";
@@ -38,6 +40,20 @@ pub struct State {
     /// The model section the checkpoint was trained with, to catch an edited config.toml.
     #[serde(default)]
     pub model: Option<crate::config::ModelConfig>,
+    /// With a validation split: the best epoch so far and the early-stopping count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid: Option<Best>,
+}
+
+/// The best validation -ELBO so far, its epoch, and epochs since (counted after warm-up).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Best {
+    pub nelbo: f64,
+    pub epoch: usize,
+    pub since: usize,
+    /// Training ended early: `since` reached `train.patience`.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// The part of an epoch done before an interruption.

@@ -14,7 +14,7 @@ use crate::eval::{self, Loaded, Totals};
 use crate::interrupt;
 use crate::model::{self, Objective, Vae};
 use crate::pictures;
-use crate::run::{self, Partial, State};
+use crate::run::{self, Best, Partial, State};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -34,7 +34,10 @@ pub struct Options {
 }
 
 const CSV_HEADER: &str =
-    "epoch,step,train_nelbo,train_recon,train_kl,test_nelbo,test_recon,test_kl,train_seconds,images_per_s\n";
+    "epoch,step,train_nelbo,train_recon,train_kl,test_nelbo,test_recon,test_kl,train_seconds,images_per_s,valid_nelbo\n";
+
+/// Salt of the validation images' one binarization.
+const VALID_SALT: u64 = 0x7661_6c69; // "vali"
 
 /// One epoch's line, for the terminal and for metrics.csv.
 struct EpochRow {
@@ -42,6 +45,7 @@ struct EpochRow {
     step: u64,
     train: Option<Totals>,
     test: Totals,
+    valid: Option<Totals>,
     seconds: f64,
 }
 
@@ -54,8 +58,12 @@ impl EpochRow {
             ),
             None => (",,".to_string(), String::new()),
         };
+        let valid = self
+            .valid
+            .map(|v| format!("{:.4}", v.nelbo()))
+            .unwrap_or_default();
         format!(
-            "{},{},{},{:.4},{:.4},{:.4},{:.3},{}\n",
+            "{},{},{},{:.4},{:.4},{:.4},{:.3},{},{}\n",
             self.epoch,
             self.step,
             tr,
@@ -63,13 +71,18 @@ impl EpochRow {
             self.test.recon,
             self.test.kl,
             self.seconds,
-            ips
+            ips,
+            valid
         )
     }
 
     fn line(&self, epochs: usize) -> String {
+        let valid = self
+            .valid
+            .map(|v| format!("valid -ELBO {:7.2}  ", v.nelbo()))
+            .unwrap_or_default();
         let test = format!(
-            "test -ELBO {:7.2} (recon {:7.2}, KL {:6.2})",
+            "{valid}test -ELBO {:7.2} (recon {:7.2}, KL {:6.2})",
             self.test.nelbo(),
             self.test.recon,
             self.test.kl
@@ -129,6 +142,8 @@ struct Start {
     csv: String,
     /// Progress inside the next epoch, for a run interrupted there.
     partial: Option<Partial>,
+    /// The best validation epoch so far, with a validation split.
+    best: Option<Best>,
 }
 
 /// `vae train`: trains `cfg` into a new run directory and returns it.
@@ -139,6 +154,7 @@ pub fn train(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         resumed: None,
         csv: String::from(CSV_HEADER),
         partial: None,
+        best: None,
     };
     run_training(cfg, opts, start)
 }
@@ -174,8 +190,24 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
             state.epoch
         );
     }
+    if let Some(b) = state.valid.filter(|b| b.stopped) {
+        bail!(
+            "{} stopped early after epoch {} ({} epochs without a better validation -ELBO than \
+             epoch {}'s); to train on, pass --set train.patience=N with N > {}",
+            run_dir.display(),
+            state.epoch,
+            b.since,
+            b.epoch,
+            b.since
+        );
+    }
     let dev = device::open(&cfg.device).context("key `device` / --device")?;
-    let model_path = run_dir.join(run::MODEL_FILE);
+    // With a validation split the run's model is the best epoch; training goes on from the last.
+    let model_path = run_dir.join(if cfg.data.valid > 0 {
+        run::LAST_FILE
+    } else {
+        run::MODEL_FILE
+    });
     let params = run::load_tensors(&model_path, &Device::Cpu)?;
     model::check_params(
         &params,
@@ -211,6 +243,7 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
         resumed: Some((params, moments, state.step)),
         csv,
         partial: state.partial.clone(),
+        best: state.valid,
     };
     run_training(&cfg, opts, start)
 }
@@ -223,13 +256,16 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
             step: 0,
             train: None,
             test: s.evaluate()?.0,
+            valid: s.evaluate_valid()?,
             seconds: 0.0,
         };
         s.log(&row0);
     }
     for epoch in s.done + 1..=cfg.train.epochs {
         let (train, seconds) = s.train_epoch(epoch)?;
-        s.end_epoch(epoch, train, seconds)?;
+        if !s.end_epoch(epoch, train, seconds)? {
+            break;
+        }
     }
     if let Some(mb) = peak_rss_mb() {
         println!("peak resident memory {mb:.0} MB");
@@ -251,6 +287,9 @@ struct Session<'a> {
     dim: usize,
     engine: Engine,
     x_test: Tensor,
+    /// The validation images (binarized once), and the best epoch on them.
+    x_valid: Option<Tensor>,
+    best: Option<Best>,
     run_dir: PathBuf,
     lock: Option<run::Lock>,
     /// Epochs completed before this process, metrics.csv so far, and progress inside the next
@@ -269,6 +308,23 @@ impl<'a> Session<'a> {
         let dev = device::open(&cfg.device).context("key `device` / --device")?;
         let mut ds = data::load_dir(&cfg.data.dir, cfg.data.limit, cfg.data.test_limit)?;
         let dim = ds.train.dim();
+        let x_valid = if cfg.data.valid > 0 {
+            if cfg.data.valid >= ds.train.n {
+                bail!(
+                    "key `data.valid`: {} validation images leave none of the {} training images",
+                    cfg.data.valid,
+                    ds.train.n
+                );
+            }
+            let v = ds.train.split_off_last(cfg.data.valid);
+            let mut px = data::to_pixels(&v.images);
+            if cfg.data.binarize != Binarize::None {
+                data::binarize_in_place(&mut px, &mut StdRng::seed_from_u64(cfg.seed ^ VALID_SALT));
+            }
+            Some(Tensor::from_vec(px, (v.n, dim), &dev)?)
+        } else {
+            None
+        };
         // The init stream: parameters first, then the static binarization, so a seed's init
         // does not depend on the data options. A resumed run replays it to binarize identically.
         let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -287,6 +343,7 @@ impl<'a> Session<'a> {
             resumed,
             csv,
             partial,
+            best,
         } = start;
         let (params, moments) = match resumed {
             Some((p, m, step)) => (p, Some((m, step))),
@@ -335,6 +392,8 @@ impl<'a> Session<'a> {
             dim,
             engine,
             x_test,
+            x_valid,
+            best,
             run_dir,
             lock: Some(lock),
             done,
@@ -356,6 +415,16 @@ impl<'a> Session<'a> {
             self.cfg.seed,
         )?;
         Ok((t, m))
+    }
+
+    /// The validation -ELBO, with a validation split.
+    fn evaluate_valid(&self) -> Result<Option<Totals>> {
+        let Some(x) = &self.x_valid else {
+            return Ok(None);
+        };
+        let m = self.engine.eval_model(self.cfg, self.dim, &self.dev)?;
+        let t = eval::evaluate(&m, x, self.cfg.train.eval_batch_size, self.cfg.seed)?;
+        Ok(Some(t))
     }
 
     /// Prints an epoch's line and adds it to metrics.csv (in memory).
@@ -438,6 +507,8 @@ impl<'a> Session<'a> {
                     seconds: seconds_before + t0.elapsed().as_secs_f64(),
                 };
                 checkpoint(
+                    self.best,
+                    false,
                     &self.engine,
                     &self.run_dir,
                     cfg,
@@ -471,20 +542,53 @@ impl<'a> Session<'a> {
         Ok((train, seconds))
     }
 
-    /// After an epoch's steps: the test -ELBO, the epoch's line, the checkpoint, metrics.csv and
-    /// the pictures; an interruption that came during them stops here.
-    fn end_epoch(&mut self, epoch: usize, train: Totals, seconds: f64) -> Result<()> {
+    /// After an epoch's steps: the test (and validation) -ELBO, the epoch's line, the checkpoint,
+    /// metrics.csv and the pictures; an interruption that came during them stops here. Returns
+    /// whether training goes on (false: early stopping).
+    fn end_epoch(&mut self, epoch: usize, train: Totals, seconds: f64) -> Result<bool> {
         let cfg = self.cfg;
         let (test, model) = self.evaluate()?;
+        let valid = self.evaluate_valid()?;
         let row = EpochRow {
             epoch,
             step: self.engine.steps(),
             train: Some(train),
             test,
+            valid,
             seconds,
         };
         self.log(&row);
-        let state = checkpoint(&self.engine, &self.run_dir, cfg, &self.ds, epoch, None)?;
+        // The best validation epoch; epochs without a better one count after the KL warm-up.
+        let mut improved = false;
+        if let Some(v) = valid {
+            let b = match self.best {
+                Some(b) if v.nelbo() >= b.nelbo => Best {
+                    since: b.since + (epoch > cfg.train.kl_warmup_epochs) as usize,
+                    ..b
+                },
+                _ => {
+                    improved = true;
+                    Best {
+                        nelbo: v.nelbo(),
+                        epoch,
+                        since: 0,
+                        stopped: false,
+                    }
+                }
+            };
+            let stop = cfg.train.patience > 0 && b.since >= cfg.train.patience;
+            self.best = Some(Best { stopped: stop, ..b });
+        }
+        let state = checkpoint(
+            self.best,
+            improved,
+            &self.engine,
+            &self.run_dir,
+            cfg,
+            &self.ds,
+            epoch,
+            None,
+        )?;
         run::write_atomic(&self.run_dir.join(run::METRICS_FILE), self.csv.as_bytes())?;
         let l = Loaded {
             dir: self.run_dir.clone(),
@@ -501,11 +605,19 @@ impl<'a> Session<'a> {
             &self.test_px,
             &self.csv,
         )?;
+        if let Some(b) = self.best.filter(|b| b.stopped) {
+            println!(
+                "early stopping: no better validation -ELBO for {} epochs; the run's model is \
+                 epoch {} (validation -ELBO {:.2})",
+                b.since, b.epoch, b.nelbo
+            );
+            return Ok(false);
+        }
         if interrupt::requested() && epoch < cfg.train.epochs {
             let steps_per_epoch = self.ds.train.n.div_ceil(cfg.train.batch_size);
             self.stop(epoch + 1, 0, steps_per_epoch);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The epoch's progress bar on stderr when it is a terminal, else a hidden one.
@@ -543,7 +655,12 @@ const DIVERGENCE_CHECK: usize = 50;
 
 /// Writes the checkpoint: weights, then moments, then state.json last, which names the epoch
 /// (and, for an interruption, how far into the next one). Each file is replaced atomically.
+/// With a validation split the weights go to `last.safetensors`, and to `model.safetensors`
+/// only when this epoch is the best (`improved`).
+#[allow(clippy::too_many_arguments)]
 fn checkpoint(
+    best: Option<Best>,
+    improved: bool,
     engine: &Engine,
     run_dir: &Path,
     cfg: &Config,
@@ -567,7 +684,14 @@ fn checkpoint(
             );
         }
     }
-    run::save_tensors(&run_dir.join(run::MODEL_FILE), &params)?;
+    if cfg.data.valid > 0 {
+        run::save_tensors(&run_dir.join(run::LAST_FILE), &params)?;
+        if improved {
+            run::save_tensors(&run_dir.join(run::MODEL_FILE), &params)?;
+        }
+    } else {
+        run::save_tensors(&run_dir.join(run::MODEL_FILE), &params)?;
+    }
     run::save_tensors(&run_dir.join(run::OPTIM_FILE), &engine.optimizer_state()?)?;
     let state = State {
         format: 1,
@@ -577,6 +701,7 @@ fn checkpoint(
         cols: ds.train.cols,
         partial,
         model: Some(cfg.model.clone()),
+        valid: best,
     };
     run::write_atomic(
         &run_dir.join(run::STATE_FILE),

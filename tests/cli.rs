@@ -147,15 +147,18 @@ fn bad_input_is_one_clear_line() {
 }
 
 /// A run stopped after epoch 1 and resumed ends with the same weights, moments and metrics as one
-/// that never stopped (same seed, same device), on both engines, and on the fused step with
-/// several importance samples and flows (whose noise is S rows per image).
+/// that never stopped (same seed, same device), on both engines, on the fused step with
+/// several importance samples and flows (whose noise is S rows per image), and with a
+/// validation split (best and last weights, the early-stopping count).
 #[test]
 fn resume_matches_an_unbroken_run() {
     let k_samples = ["--set", "train.iw_samples=3", "--set", "model.flows=2"];
+    let valid = ["--set", "data.valid=50", "--set", "train.patience=5"];
     for (engine, extra) in [
         ("fused", &[][..]),
         ("autograd", &[][..]),
         ("fused", &k_samples[..]),
+        ("fused", &valid[..]),
     ] {
         let e = format!("train.engine={engine}");
         let mut common = vec![
@@ -182,7 +185,15 @@ fn resume_matches_an_unbroken_run() {
             out.contains("resuming") && out.contains("after epoch 1"),
             "{out}"
         );
-        for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        for f in [
+            "model.safetensors",
+            "optimizer.safetensors",
+            "state.json",
+            "last.safetensors",
+        ] {
+            if f == "last.safetensors" && extra != valid {
+                continue;
+            }
             let (x, y) = (
                 std::fs::read(ra.join(f)).unwrap(),
                 std::fs::read(rb.join(f)).unwrap(),
@@ -218,4 +229,72 @@ fn resume_matches_an_unbroken_run() {
             "model",
         );
     }
+}
+
+/// `data.valid`: the held-out images get a validation -ELBO per epoch, the run's model is the
+/// best epoch by it (the last weights stay in last.safetensors for --resume), and
+/// `train.patience` stops a run whose validation -ELBO no longer improves.
+#[test]
+fn validation_split_keeps_the_best_epoch_and_stops_early() {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(
+        t.path(),
+        &["--set", "data.valid=100", "--set", "train.epochs=3"],
+    );
+    let m = metrics(&run);
+    assert_eq!(m.len(), 4);
+    let valid: Vec<f64> = m.iter().map(|r| r[10].parse().unwrap()).collect();
+    assert!(valid.iter().all(|v| v.is_finite() && *v > 0.0), "{valid:?}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap()).unwrap();
+    let best = state["valid"]["epoch"].as_u64().unwrap() as usize;
+    let argmin = (1..=3)
+        .min_by(|a, b| valid[*a].total_cmp(&valid[*b]))
+        .unwrap();
+    assert_eq!(best, argmin, "best epoch vs {valid:?}");
+    assert!(run.join("last.safetensors").is_file());
+    let same = std::fs::read(run.join("model.safetensors")).unwrap()
+        == std::fs::read(run.join("last.safetensors")).unwrap();
+    assert_eq!(same, best == 3, "model.safetensors is the best epoch's");
+    let text = ok(t.path(), &["eval"]);
+    assert!(
+        text.contains(&format!("epoch {best} (best validation")),
+        "{text}"
+    );
+
+    // A learning rate too small to move the validation -ELBO: patience 1 stops after epoch 2.
+    let u = tempfile::tempdir().unwrap();
+    let d = format!("data.dir={}", data_dir());
+    let out = ok(
+        u.path(),
+        &[
+            "train",
+            "-c",
+            "tiny.toml",
+            "-q",
+            "--set",
+            &d,
+            "--set",
+            "data.valid=100",
+            "--set",
+            "train.patience=1",
+            "--set",
+            "train.lr=1e-12",
+            "--set",
+            "train.epochs=5",
+        ],
+    );
+    assert!(out.contains("early stopping"), "{out}");
+    assert_eq!(metrics(&u.path().join("runs/tiny")).len(), 3, "epochs 0-2");
+    fails(
+        u.path(),
+        &["train", "--resume", "-q", "--set", "train.epochs=9"],
+        "train.patience",
+    );
+    // Patience needs a validation split.
+    fails(
+        u.path(),
+        &["train", "-c", "tiny.toml", "--set", "train.patience=3"],
+        "data.valid",
+    );
 }
