@@ -46,13 +46,14 @@ pub fn decode_means(l: &Loaded, z: &[f32]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Posterior means mu (n, Z) of `x` (n, D) on the host, in chunks.
+/// The codes of `x` (n, D) at the posterior's centre (n, Z) on the host, in chunks: the means
+/// mu, carried through the flows when the model has them (`Vae::code`).
 pub fn encode_means(l: &Loaded, x: &[f32]) -> Result<Vec<f32>> {
     let d = l.dim();
     let mut out = Vec::with_capacity(x.len() / d * l.model.cfg.latent);
     for c in x.chunks(CHUNK * d) {
         let t = Tensor::from_slice(c, (c.len() / d, d), &l.dev)?;
-        out.extend(l.model.encode(&t)?.0.flatten_all()?.to_vec1::<f32>()?);
+        out.extend(l.model.code(&t)?.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)
 }
