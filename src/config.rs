@@ -26,6 +26,15 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ),
     ("mnist-ae.toml", include_str!("../configs/mnist-ae.toml")),
     ("tiny.toml", include_str!("../configs/tiny.toml")),
+    ("burda-vae.toml", include_str!("../configs/burda-vae.toml")),
+    (
+        "burda-iwae5.toml",
+        include_str!("../configs/burda-iwae5.toml"),
+    ),
+    (
+        "burda-iwae50.toml",
+        include_str!("../configs/burda-iwae50.toml"),
+    ),
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! Learning-rate schedules over epochs (`train.lr_schedule`): constant; Burda, Grosse &
-//! Salakhutdinov's (2015, section 5) lr * 10^(-i/7) for 3^i epochs, i = 0..7; exponential and
+//! Salakhutdinov's (2015, section 5) lr * 10^(-i/7) for 3^i epochs, i = 0..7 (rounded as their
+//! code rounds it); exponential and
 //! step decay; and the half-cosine annealing of Loshchilov & Hutter (2017) without restarts.
 //! The rate is set once per epoch, so a resumed run takes the same rates as an unbroken one.
 
@@ -17,7 +18,9 @@ pub fn lr(t: &TrainConfig, epoch: usize) -> f64 {
                 i += 1;
                 end += 3usize.pow(i);
             }
-            t.lr * 10f64.powf(-(i as f64) / 7.0)
+            // Their code (yburda/iwae, experiments.py) rounds 10^(1 - i/7) to one decimal:
+            // 1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4.
+            t.lr * (10f64.powf(1.0 - i as f64 / 7.0) * 10.0).round() / 100.0
         }
         LrSchedule::Exponential => t.lr * t.lr_gamma.powi((e - 1) as i32),
         LrSchedule::Step => t.lr * t.lr_gamma.powi(((e - 1) / t.lr_step_epochs) as i32),
@@ -52,12 +55,14 @@ mod tests {
         let close = |a: f64, b: f64| (a - b).abs() < 1e-12 * b.abs().max(1e-12);
         let b = cfg(LrSchedule::Burda);
         // Stage 0: epoch 1; stage 1: epochs 2-4; stage 2: 5-13; ... stage 7 ends at 3280.
+        // Rates as their code rounds them: 1e-3, 7.2e-4, 5.2e-4, 3.7e-4, ...
         assert!(close(lr(&b, 1), 1e-3));
-        assert!(close(lr(&b, 2), 1e-3 * 10f64.powf(-1.0 / 7.0)));
-        assert!(close(lr(&b, 4), 1e-3 * 10f64.powf(-1.0 / 7.0)));
-        assert!(close(lr(&b, 5), 1e-3 * 10f64.powf(-2.0 / 7.0)));
-        assert!(close(lr(&b, 13), 1e-3 * 10f64.powf(-2.0 / 7.0)));
-        assert!(close(lr(&b, 14), 1e-3 * 10f64.powf(-3.0 / 7.0)));
+        assert!(close(lr(&b, 2), 7.2e-4));
+        assert!(close(lr(&b, 4), 7.2e-4));
+        assert!(close(lr(&b, 5), 5.2e-4));
+        assert!(close(lr(&b, 13), 5.2e-4));
+        assert!(close(lr(&b, 14), 3.7e-4));
+        assert!(close(lr(&b, 40), 3.7e-4) && close(lr(&b, 41), 2.7e-4));
         assert!(close(lr(&b, BURDA_EPOCHS), 1e-4));
         assert!(close(lr(&b, BURDA_EPOCHS + 5), 1e-4));
         assert_eq!((0..=7).map(|i| 3usize.pow(i)).sum::<usize>(), BURDA_EPOCHS);
