@@ -130,6 +130,9 @@ pub enum Activation {
     Softplus,
     Sigmoid,
     Gelu,
+    /// A gated dense layer (Dauphin et al. 2017; Tomczak & Welling 2018): h = (W1 x + b1) *
+    /// sigmoid(W2 x + b2), the gate a second linear map of the same input.
+    Gated,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

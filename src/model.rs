@@ -25,6 +25,8 @@ pub const MIN_LOGVAR: f64 = -9.210_340_371_976_182; // ln(0.01^2)
 
 pub struct Mlp {
     layers: Vec<Linear>,
+    /// With `activation = "gated"`: each layer's gate, `<layer>.gate`.
+    gates: Vec<Linear>,
     act: Activation,
 }
 
@@ -35,14 +37,25 @@ impl Mlp {
             .enumerate()
             .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Mlp { layers, act })
+        let gates = if act == Activation::Gated {
+            dims.windows(2)
+                .enumerate()
+                .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(i).pp("gate")))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            vec![]
+        };
+        Ok(Mlp { layers, gates, act })
     }
 
     /// Every layer followed by the activation: (B, dims[0]) -> (B, dims[last]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
-        for l in &self.layers {
-            h = activate(&l.forward(&h)?, self.act)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            h = match self.gates.get(i) {
+                Some(g) => (l.forward(&h)? * candle_nn::ops::sigmoid(&g.forward(&h)?)?)?,
+                None => activate(&l.forward(&h)?, self.act)?,
+            };
         }
         Ok(h)
     }
@@ -56,6 +69,10 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
         Activation::Softplus => x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?,
         Activation::Sigmoid => candle_nn::ops::sigmoid(x),
         Activation::Gelu => x.gelu(),
+        // The gate needs its own linear map; `Mlp` applies it.
+        Activation::Gated => Err(candle_core::Error::Msg(
+            "the gated activation is a layer of its own, not a function".into(),
+        )),
     }
 }
 
@@ -442,9 +459,13 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
         v.push((format!("{name}.weight"), vec![o, i], i));
         v.push((format!("{name}.bias"), vec![o], i));
     };
+    let gated = cfg.activation == Activation::Gated;
     let mut prev = input_dim;
     for (i, &h) in cfg.hidden.iter().enumerate() {
         lin(format!("encoder.hidden.{i}"), prev, h);
+        if gated {
+            lin(format!("encoder.hidden.{i}.gate"), prev, h);
+        }
         prev = h;
     }
     lin("encoder.mu".into(), prev, cfg.latent);
@@ -461,6 +482,9 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
     let mut prev = cfg.latent;
     for (i, &h) in cfg.hidden.iter().rev().enumerate() {
         lin(format!("decoder.hidden.{i}"), prev, h);
+        if gated {
+            lin(format!("decoder.hidden.{i}.gate"), prev, h);
+        }
         prev = h;
     }
     lin("decoder.out".into(), prev, input_dim);

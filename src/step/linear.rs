@@ -2,6 +2,10 @@
 //! a = x W + b, h = act(a) (an MLP layer), and the backward
 //! dW = x^T da, db = colsum(da), dx = da W^T, da = dh * act'(a).
 //!
+//! A gated layer (Dauphin et al. 2017, as Tomczak & Welling 2018 use it) is one product with
+//! twice the outputs, [a | g] = x [W1 | W2] + [b1 | b2], and h = a * sigmoid(g); its backward
+//! gives da = dh * sigmoid(g), dg = dh * a * sigmoid(g) (1 - sigmoid(g)).
+//!
 //! A weight is stored (in, out) row-major, the transpose of the checkpoint's PyTorch-style
 //! (out, in), because x (B, in) @ W (in, out) is gemm's fast case. A layer's bias is added by the
 //! pass that reads its product (`act_forward` here; the latent and likelihood passes for the
@@ -88,6 +92,8 @@ fn act_fwd(act: Activation, a: f32) -> f32 {
         Activation::Sigmoid => softplus_and_sigmoid(a).1,
         // candle's `gelu`: the tanh form, 1/2 a (1 + tanh(c (a + 0.044715 a^3))).
         Activation::Gelu => 0.5 * a * (1.0 + tanh_f32(GELU_C * (a + GELU_A * a * a * a))),
+        // Not elementwise: `gated_forward` takes it (never reached through here).
+        Activation::Gated => a,
     }
 }
 
@@ -109,6 +115,8 @@ fn act_grad(act: Activation, a: f32, h: f32) -> f32 {
             let t = tanh_f32(GELU_C * (a + GELU_A * a * a * a));
             0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * a * a)
         }
+        // Not elementwise: `gated_backward` takes it (never reached through here).
+        Activation::Gated => 1.0,
     }
 }
 
@@ -122,17 +130,90 @@ macro_rules! with_act {
             Activation::Softplus => $f::<2>($($arg),*),
             Activation::Sigmoid => $f::<3>($($arg),*),
             Activation::Gelu => $f::<4>($($arg),*),
+            Activation::Gated => $f::<5>($($arg),*),
         }
     };
 }
 
-const ACTS: [Activation; 5] = [
+const ACTS: [Activation; 6] = [
     Activation::Relu,
     Activation::Tanh,
     Activation::Softplus,
     Activation::Sigmoid,
     Activation::Gelu,
+    Activation::Gated,
 ];
+
+/// The width of a hidden layer's output: a gated layer's product has twice its outputs.
+pub fn out_width(l: Lin, act: Activation) -> usize {
+    if act == Activation::Gated {
+        l.n_out / 2
+    } else {
+        l.n_out
+    }
+}
+
+/// Gated forward: adds `bias` (2n) to every row of `a` (rows, 2n) = [a | g], and writes
+/// h = a * sigmoid(g) (rows, n).
+pub fn gated_forward(a: &mut [f32], h: &mut [f32], bias: &[f32], n: usize) {
+    simd!({
+        for (ar, hr) in a.chunks_exact_mut(2 * n).zip(h.chunks_exact_mut(n)) {
+            for (av, bv) in ar.iter_mut().zip(bias) {
+                *av += bv;
+            }
+            let (lin, gate) = ar.split_at(n);
+            for j in 0..n {
+                hr[j] = lin[j] * softplus_and_sigmoid(gate[j]).1;
+            }
+        }
+    })
+}
+
+/// Gated backward: from dh (rows, n) and the forward's [a | g] (rows, 2n), writes
+/// [da | dg] = [dh sigmoid(g) | dh a sigmoid(g) (1 - sigmoid(g))] into `d` (rows, 2n).
+pub fn gated_backward(dh: &[f32], a: &[f32], d: &mut [f32], n: usize) {
+    simd!({
+        for ((dr, ar), hr) in d
+            .chunks_exact_mut(2 * n)
+            .zip(a.chunks_exact(2 * n))
+            .zip(dh.chunks_exact(n))
+        {
+            for j in 0..n {
+                let s = softplus_and_sigmoid(ar[n + j]).1;
+                dr[j] = hr[j] * s;
+                dr[n + j] = hr[j] * ar[j] * s * (1.0 - s);
+            }
+        }
+    })
+}
+
+/// An MLP layer's backward: from dh (rows, out width) in `d1` to the weight and bias gradients
+/// in `g` and, when `want_dx`, dx (rows, n_in) left in `d1`; `d2` is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_backward(
+    g: &mut [f32],
+    want_dx: bool,
+    d1: &mut Vec<f32>,
+    d2: &mut Vec<f32>,
+    (input, a, h): (&[f32], &[f32], &[f32]),
+    th: &[f32],
+    l: Lin,
+    rows: usize,
+    act: Activation,
+    par: bool,
+) {
+    let n = rows * l.n_out;
+    if act == Activation::Gated {
+        gated_backward(&d1[..n / 2], &a[..n], &mut d2[..n], l.n_out / 2);
+        let dx = if want_dx { Some(&mut d1[..]) } else { None };
+        linear_backward(g, dx, input, d2, th, l, rows, par);
+    } else {
+        act_backward(&mut d1[..n], &a[..n], &h[..n], act);
+        let dx = if want_dx { Some(&mut d2[..]) } else { None };
+        linear_backward(g, dx, input, d1, th, l, rows, par);
+        std::mem::swap(d1, d2);
+    }
+}
 
 /// Adds `bias` (n) to every row of `a` (rows, n) and writes h = act(a).
 pub fn act_forward(a: &mut [f32], h: &mut [f32], bias: &[f32], n: usize, act: Activation) {
@@ -179,13 +260,17 @@ pub fn mlp_forward(
         let x: &[f32] = if i == 0 { input } else { &prev[i - 1] };
         let (a, h) = (&mut pre[i], &mut rest[0]);
         linear_forward(a, x, th, *l, rows, par);
-        act_forward(
+        let w = out_width(*l, act);
+        let (a, h, bias) = (
             &mut a[..rows * l.n_out],
-            &mut h[..rows * l.n_out],
+            &mut h[..rows * w],
             &th[l.b..l.end()],
-            l.n_out,
-            act,
         );
+        if act == Activation::Gated {
+            gated_forward(a, h, bias, w);
+        } else {
+            act_forward(a, h, bias, l.n_out, act);
+        }
     }
 }
 
@@ -193,6 +278,20 @@ pub fn mlp_forward(
 #[allow(clippy::approx_constant)] // hand-computed expected values, written as computed
 mod tests {
     use super::*;
+
+    #[test]
+    fn gated_hand_values() {
+        // n = 1: a = 2, g = 0 (sigmoid 1/2): h = 1; dh = 1: da = 1/2, dg = 2 * 1/4 = 1/2.
+        let (mut a, mut h) = ([2.0f32, -1.0], [0f32]);
+        gated_forward(&mut a, &mut h, &[0.0, 1.0], 1);
+        assert!((h[0] - 1.0).abs() < 1e-6 && a[1] == 0.0);
+        let mut d = [0f32; 2];
+        gated_backward(&[1.0], &a, &mut d, 1);
+        assert!(
+            (d[0] - 0.5).abs() < 1e-6 && (d[1] - 0.5).abs() < 1e-6,
+            "{d:?}"
+        );
+    }
 
     #[test]
     fn activations_hand_values_and_slopes() {
@@ -206,7 +305,8 @@ mod tests {
         assert!(close(act_fwd(Activation::Gelu, 1.0), 0.841_192));
         assert!(close(act_grad(Activation::Gelu, 0.0, 0.0), 0.5));
         // Every slope against central differences (f32, h = 1e-2: error O(h^2)).
-        for act in ACTS {
+        for act in &ACTS[..5] {
+            let act = *act;
             for i in -30..=30 {
                 let a = i as f32 * 0.17 + 0.01;
                 let h = 1e-2;

@@ -34,7 +34,7 @@ pub mod math;
 pub mod objective;
 pub mod planar;
 
-use crate::config::{Config, DecoderKind, FlowParams, ModelConfig, ModelKind};
+use crate::config::{Activation, Config, DecoderKind, FlowParams, ModelConfig, ModelKind};
 use crate::model::MIN_LOGVAR;
 use crate::optim::AdamConfig;
 use adam::{adam_range, AdamStep, Moments};
@@ -76,10 +76,16 @@ impl Net {
             l
         };
         let z = cfg.latent;
+        // A gated layer's product has twice its outputs: [linear | gate].
+        let wide = if cfg.activation == Activation::Gated {
+            2
+        } else {
+            1
+        };
         let mut enc = Vec::new();
         let mut prev = dim;
         for &h in &cfg.hidden {
-            enc.push(lin(prev, h));
+            enc.push(lin(prev, wide * h));
             prev = h;
         }
         let amortized = if cfg.flow_params == FlowParams::Amortized {
@@ -111,7 +117,7 @@ impl Net {
         let mut dec = Vec::new();
         let mut prev = z;
         for &h in cfg.hidden.iter().rev() {
-            dec.push(lin(prev, h));
+            dec.push(lin(prev, wide * h));
             prev = h;
         }
         let out = lin(prev, dim);
@@ -264,8 +270,13 @@ impl Net {
                 Box::new(move |k| b + col0 + k),
             ));
         };
+        let act = self.cfg.activation;
         for (i, l) in self.enc.iter().enumerate() {
-            lin(format!("encoder.hidden.{i}"), *l, 0, l.n_out);
+            let w = linear::out_width(*l, act);
+            lin(format!("encoder.hidden.{i}"), *l, 0, w);
+            if act == Activation::Gated {
+                lin(format!("encoder.hidden.{i}.gate"), *l, w, w);
+            }
         }
         let z = self.cfg.latent;
         lin("encoder.mu".into(), self.head, 0, z);
@@ -276,7 +287,11 @@ impl Net {
             }
         }
         for (i, l) in self.dec.iter().enumerate() {
-            lin(format!("decoder.hidden.{i}"), *l, 0, l.n_out);
+            let w = linear::out_width(*l, act);
+            lin(format!("decoder.hidden.{i}"), *l, 0, w);
+            if act == Activation::Gated {
+                lin(format!("decoder.hidden.{i}.gate"), *l, w, w);
+            }
         }
         lin("decoder.out".into(), self.out, 0, self.dim);
         if let Some(off) = self.dec_lv {
@@ -427,7 +442,12 @@ impl Work {
     pub fn new(net: &Net, cap: usize, s: usize, par: bool) -> Self {
         let cfg = &net.cfg;
         let (z, dim, rows) = (cfg.latent, net.dim, cap * s);
-        let widest = cfg.hidden.iter().copied().max().unwrap_or(0);
+        let wide = if cfg.activation == Activation::Gated {
+            2
+        } else {
+            1
+        };
+        let widest = wide * cfg.hidden.iter().copied().max().unwrap_or(0);
         let flow_n = if net.global_flows.is_some() { 1 } else { cap };
         let vecs = |n: usize, it: &mut dyn Iterator<Item = usize>| -> Vec<Vec<f32>> {
             it.map(|h| vec![0.0; n * h]).collect()
@@ -438,7 +458,7 @@ impl Work {
             par,
             x: vec![0.0; cap * dim],
             eps: vec![0.0; rows * z],
-            enc_a: vecs(cap, &mut cfg.hidden.iter().copied()),
+            enc_a: vecs(cap, &mut cfg.hidden.iter().map(|h| wide * h)),
             enc_h: vecs(cap, &mut cfg.hidden.iter().copied()),
             hd: vec![0.0; cap * net.hc()],
             sigma: vec![0.0; cap * z],
@@ -448,7 +468,7 @@ impl Work {
             kl_img: vec![0.0; cap],
             kl_dim: vec![0.0; z],
             ckl: vec![0.0; z],
-            dec_a: vecs(rows, &mut cfg.hidden.iter().rev().copied()),
+            dec_a: vecs(rows, &mut cfg.hidden.iter().rev().map(|h| wide * h)),
             dec_h: vecs(rows, &mut cfg.hidden.iter().rev().copied()),
             out: vec![0.0; rows * dim],
             d_out: vec![0.0; rows * dim],
@@ -735,7 +755,7 @@ impl Fused {
             math::gather_rows(&mut w.d_out, &w.keep, net.dim);
             for (i, l) in net.dec.iter().enumerate() {
                 math::gather_rows(&mut w.dec_a[i], &w.keep, l.n_out);
-                math::gather_rows(&mut w.dec_h[i], &w.keep, l.n_out);
+                math::gather_rows(&mut w.dec_h[i], &w.keep, linear::out_width(*l, act));
             }
             w.zc[..rows * z].copy_from_slice(&w.zs[flows][..rows * z]);
             math::gather_rows(&mut w.zc, &w.keep, z);
@@ -774,25 +794,24 @@ impl Fused {
                 let st = &mut s_lo;
                 // Decoder layers, last to first; d1 holds d(loss)/d(output of the layer).
                 for (i, l) in net.dec.iter().enumerate().rev() {
-                    let n = brows * l.n_out;
-                    linear::act_backward(&mut w.d1[..n], &w.dec_a[i][..n], &w.dec_h[i][..n], act);
                     let input: &[f32] = match i {
                         0 if compact => &w.zc,
                         0 => &w.zs[flows],
                         _ => &w.dec_h[i - 1],
                     };
-                    linear::linear_backward(
+                    linear::layer_backward(
                         st.g,
-                        Some(&mut w.d2),
-                        input,
-                        &w.d1,
+                        true,
+                        &mut w.d1,
+                        &mut w.d2,
+                        (input, &w.dec_a[i], &w.dec_h[i]),
                         th,
                         *l,
                         brows,
+                        act,
                         true,
                     );
                     adam_range(&adam, th, st, l.w, l.end());
-                    std::mem::swap(&mut w.d1, &mut w.d2);
                 }
                 if compact {
                     math::scatter_rows(&mut w.d1, &w.keep, z, rows);
@@ -859,14 +878,19 @@ impl Fused {
             v: &mut self.v,
         };
         for (i, l) in net.enc.iter().enumerate().rev() {
-            let n = b * l.n_out;
-            linear::act_backward(&mut w.d1[..n], &w.enc_a[i][..n], &w.enc_h[i][..n], act);
             let input: &[f32] = if i == 0 { &w.x } else { &w.enc_h[i - 1] };
-            let dx = if i > 0 { Some(&mut w.d2[..]) } else { None };
-            linear::linear_backward(st.g, dx, input, &w.d1, th, *l, b, true);
-            if i > 0 {
-                std::mem::swap(&mut w.d1, &mut w.d2);
-            }
+            linear::layer_backward(
+                st.g,
+                i > 0,
+                &mut w.d1,
+                &mut w.d2,
+                (input, &w.enc_a[i], &w.enc_h[i]),
+                th,
+                *l,
+                b,
+                act,
+                true,
+            );
             adam_range(&adam, th, &mut st, l.w, l.end());
         }
         self.theta = theta;

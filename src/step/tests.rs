@@ -177,12 +177,25 @@ fn plain_vae_every_activation_and_decoder() {
         Activation::Softplus,
         Activation::Sigmoid,
         Activation::Gelu,
+        Activation::Gated,
     ] {
         check(ModelConfig {
             activation: act,
             ..small(vec![7, 5], 3)
         });
     }
+    // Gated layers with IWAE samples and flows.
+    check_with(
+        ModelConfig {
+            activation: Activation::Gated,
+            flows: 2,
+            ..small(vec![6, 4], 3)
+        },
+        1,
+        3,
+        1.0,
+        false,
+    );
     check(small(vec![6], 2));
     check(ModelConfig {
         decoder: DecoderKind::Gaussian,
