@@ -60,6 +60,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     let adam = AdamConfig {
+        normalize_grad: false,
         lr: 1e-3,
         beta1: 0.9,
         beta2: 0.999,

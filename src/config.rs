@@ -35,6 +35,14 @@ pub const SHIPPED: &[(&str, &str)] = &[
         "burda-iwae50.toml",
         include_str!("../configs/burda-iwae50.toml"),
     ),
+    (
+        "vamp-standard.toml",
+        include_str!("../configs/vamp-standard.toml"),
+    ),
+    (
+        "planar-flows10.toml",
+        include_str!("../configs/planar-flows10.toml"),
+    ),
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,6 +173,8 @@ pub struct TrainConfig {
     pub lr_min: f64,
     /// Stop after this many epochs without a better validation -ELBO (0 = never).
     pub patience: usize,
+    /// Adam on each parameter tensor's gradient divided by its L2 norm (AdamNormGrad).
+    pub normalize_grad: bool,
 }
 
 /// How the learning rate moves over epochs (`schedule::lr`).
@@ -262,6 +272,7 @@ impl Default for TrainConfig {
             lr_step_epochs: 10,
             lr_min: 0.0,
             patience: 0,
+            normalize_grad: false,
         }
     }
 }

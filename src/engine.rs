@@ -26,6 +26,7 @@ pub struct Trainer {
 
 pub fn adam_config(cfg: &Config) -> AdamConfig {
     AdamConfig {
+        normalize_grad: cfg.train.normalize_grad,
         lr: cfg.train.lr,
         beta1: cfg.train.beta1,
         beta2: cfg.train.beta2,

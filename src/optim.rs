@@ -16,7 +16,13 @@ pub struct AdamConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Divide each parameter tensor's gradient by its L2 norm (+ 1e-7) first: the AdamNormGrad
+    /// of Tomczak & Welling's code (jmtomczak/vae_vampprior, utils/optimizer.py).
+    pub normalize_grad: bool,
 }
+
+/// Added to a gradient's norm before dividing by it (their 1.e-7).
+pub const NORM_EPS: f64 = 1e-7;
 
 struct Slot {
     name: String,
@@ -75,6 +81,14 @@ impl Adam {
         for s in &self.slots {
             let Some(g) = grads.get(s.theta.as_tensor()) else {
                 continue;
+            };
+            let normed;
+            let g = if c.normalize_grad {
+                let norm = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+                normed = (g / (norm + NORM_EPS))?;
+                &normed
+            } else {
+                g
             };
             let m = ((s.m.as_tensor() * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((s.v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -138,6 +152,7 @@ mod tests {
         let p = Var::from_tensor(&Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap()).unwrap();
         vm.data().lock().unwrap().insert("p".into(), p.clone());
         let cfg = AdamConfig {
+            normalize_grad: false,
             lr: 0.1,
             beta1: 0.9,
             beta2: 0.999,

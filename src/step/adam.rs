@@ -64,11 +64,45 @@ impl AdamStep {
     }
 }
 
-/// The optimizer's buffers beside the parameters: gradient and both moments, one flat slot each.
+/// One parameter tensor's place in a flat buffer: `rows` runs of `width` values, `stride` apart,
+/// from `start` (a weight's column block, or a bias).
+#[derive(Debug, Clone, Copy)]
+pub struct Block {
+    pub start: usize,
+    pub rows: usize,
+    pub width: usize,
+    pub stride: usize,
+}
+
+/// Divides the gradient of the tensor at `b` (offsets relative to `g`) by its L2 norm + eps.
+pub fn normalize_block(g: &mut [f32], b: Block, eps: f64) {
+    let mut ss = 0f64;
+    for r in 0..b.rows {
+        let o = b.start + r * b.stride;
+        ss += g[o..o + b.width]
+            .iter()
+            .map(|v| (*v as f64) * (*v as f64))
+            .sum::<f64>();
+    }
+    let k = (1.0 / (ss.sqrt() + eps)) as f32;
+    for r in 0..b.rows {
+        let o = b.start + r * b.stride;
+        for v in &mut g[o..o + b.width] {
+            *v *= k;
+        }
+    }
+}
+
+/// The optimizer's buffers beside the parameters: gradient and both moments, one flat slot each,
+/// starting at parameter `base`; with `blocks`, each tensor's gradient is divided by its norm
+/// before its update.
 pub struct Moments<'a> {
     pub g: &'a mut [f32],
     pub m: &'a mut [f32],
     pub v: &'a mut [f32],
+    pub base: usize,
+    /// Every tensor's block, by start (empty: no normalization).
+    pub blocks: &'a [Block],
 }
 
 impl<'a> Moments<'a> {
@@ -82,11 +116,15 @@ impl<'a> Moments<'a> {
                 g: g1,
                 m: m1,
                 v: v1,
+                base: self.base,
+                blocks: self.blocks,
             },
             Moments {
                 g: g2,
                 m: m2,
                 v: v2,
+                base: self.base + k,
+                blocks: self.blocks,
             },
         )
     }
@@ -95,6 +133,16 @@ impl<'a> Moments<'a> {
 /// Adam on `[lo, hi)` of the parameters, when there is a step to take.
 pub fn adam_range(adam: &Option<AdamStep>, th: &mut [f32], s: &mut Moments, lo: usize, hi: usize) {
     if let Some(a) = adam {
+        // The tensors starting in this range (a layer's tensors lie within its range).
+        for b in s.blocks {
+            if b.start >= s.base + lo && b.start < s.base + hi {
+                let rel = Block {
+                    start: b.start - s.base,
+                    ..*b
+                };
+                normalize_block(s.g, rel, crate::optim::NORM_EPS);
+            }
+        }
         a.apply(
             &mut th[lo..hi],
             &mut s.m[lo..hi],

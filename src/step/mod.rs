@@ -320,6 +320,59 @@ impl Net {
         v
     }
 
+    /// Every tensor's block in the flat buffer (for per-tensor gradient norms).
+    fn blocks(&self) -> Vec<adam::Block> {
+        let mut v = Vec::new();
+        let act = self.cfg.activation;
+        let z = self.cfg.latent;
+        let mut lin = |l: Lin, col0: usize, cols: usize| {
+            v.push(adam::Block {
+                start: l.w + col0,
+                rows: l.n_in,
+                width: cols,
+                stride: l.n_out,
+            });
+            v.push(adam::Block {
+                start: l.b + col0,
+                rows: 1,
+                width: cols,
+                stride: cols,
+            });
+        };
+        for l in self.enc.iter().chain(&self.dec) {
+            let w = linear::out_width(*l, act);
+            lin(*l, 0, w);
+            if act == Activation::Gated {
+                lin(*l, w, w);
+            }
+        }
+        lin(self.head, 0, z);
+        if !self.is_ae() {
+            lin(self.head, z, z);
+            if self.hc() > 2 * z {
+                lin(self.head, 2 * z, self.hc() - 2 * z);
+            }
+        }
+        lin(self.out, 0, self.dim);
+        let one = |start: usize, width: usize| adam::Block {
+            start,
+            rows: 1,
+            width,
+            stride: width,
+        };
+        if let Some(o) = self.dec_lv {
+            v.push(one(o, self.dim));
+        }
+        if let Some(off) = self.global_flows {
+            for k in 0..self.cfg.flows {
+                let o = off + k * (2 * z + 1);
+                v.extend([one(o, z), one(o + z, z), one(o + 2 * z, 1)]);
+            }
+        }
+        v.sort_by_key(|b| b.start);
+        v
+    }
+
     /// A flat buffer as checkpoint tensors (`model::param_specs` names).
     pub fn export(&self, src: &[f32]) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
@@ -515,6 +568,8 @@ pub struct Fused {
     lr: f64,
     /// IWAE: run the backward over every sample, negligible weights included (for tests).
     pub iw_all_rows: bool,
+    /// Every tensor's block, when Adam normalizes each tensor's gradient; else empty.
+    blocks: Vec<adam::Block>,
 }
 
 impl Fused {
@@ -543,7 +598,6 @@ impl Fused {
         let mut theta = vec![0.0; size];
         net.import(params, &mut theta)?;
         Ok(Fused {
-            net,
             adam,
             theta,
             grad: vec![0.0; size],
@@ -556,6 +610,12 @@ impl Fused {
             free_bits: 0.0,
             lr: adam.lr,
             iw_all_rows: false,
+            blocks: if adam.normalize_grad {
+                net.blocks()
+            } else {
+                Vec::new()
+            },
+            net,
         })
     }
 
@@ -782,6 +842,8 @@ impl Fused {
             g,
             m: &mut self.m,
             v: &mut self.v,
+            base: 0,
+            blocks: &self.blocks,
         };
         let (mut s_lo, mut s_hi) = all.split_at(lo.w);
         rayon::join(
@@ -876,6 +938,8 @@ impl Fused {
             g: &mut self.grad,
             m: &mut self.m,
             v: &mut self.v,
+            base: 0,
+            blocks: &self.blocks,
         };
         for (i, l) in net.enc.iter().enumerate().rev() {
             let input: &[f32] = if i == 0 { &w.x } else { &w.enc_h[i - 1] };

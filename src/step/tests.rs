@@ -75,6 +75,7 @@ fn check_with(model: ModelConfig, mc: usize, iw: usize, kl_weight: f64, median_f
     let (dim, b) = (12, 5);
     let (params, x, eps) = fixture(&model, dim, b, s, 3);
     let adam = AdamConfig {
+        normalize_grad: false,
         lr: 1e-2,
         beta1: 0.9,
         beta2: 0.999,
@@ -286,43 +287,61 @@ fn autoencoder() {
 
 #[test]
 fn adam_step_matches_optim() {
-    // The same first steps through the fused path and through optim::Adam give the same weights.
-    let model = small(vec![6], 2);
-    let cfg = config(model.clone(), 1, 1);
-    let (dim, b) = (9, 4);
-    let (params, x, eps) = fixture(&model, dim, b, 1, 5);
-    let ac = AdamConfig {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.1,
+    // The same first steps through the fused path and through optim::Adam give the same weights:
+    // plain Adam and AdamNormGrad (each tensor's gradient divided by its norm), on a plain model
+    // and on one whose tensors are column blocks of shared matrices (gated layers, amortized
+    // flows in the head).
+    let gated = ModelConfig {
+        activation: Activation::Gated,
+        flows: 2,
+        ..small(vec![6], 2)
     };
-    let (vm, m, xt, et) = candle_side(&model, dim, &params, &x, &eps);
-    let mut opt = crate::optim::Adam::new(&vm, ac).unwrap();
-    let mut f = Fused::new(&cfg, dim, &params, ac, b).unwrap();
-    for _ in 0..3 {
-        let (r, k) = m.neg_elbo_terms(&xt, &et).unwrap();
-        opt.step(
-            &(r.sum_all().unwrap() + k.sum_all().unwrap())
-                .unwrap()
-                .backward()
-                .unwrap(),
-        )
-        .unwrap();
-        f.x_mut(b).copy_from_slice(&x);
-        f.eps_mut(b).copy_from_slice(&eps);
-        f.step(b).unwrap();
-    }
-    let got = f.params().unwrap();
-    for (name, t) in model::snapshot(&vm).unwrap() {
-        let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let g = got[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (u, w) in a.iter().zip(&g) {
-            assert!((u - w).abs() < 1e-5, "{name}: {u} vs {w}");
+    for (model, normalize) in [
+        (small(vec![6], 2), false),
+        (small(vec![6], 2), true),
+        (gated.clone(), false),
+        (gated, true),
+    ] {
+        let cfg = config(model.clone(), 1, 1);
+        let (dim, b) = (9, 4);
+        let (params, x, eps) = fixture(&model, dim, b, 1, 5);
+        let ac = AdamConfig {
+            normalize_grad: normalize,
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let (vm, m, xt, et) = candle_side(&model, dim, &params, &x, &eps);
+        let mut opt = crate::optim::Adam::new(&vm, ac).unwrap();
+        let mut f = Fused::new(&cfg, dim, &params, ac, b).unwrap();
+        for _ in 0..3 {
+            let (r, k) = m.neg_elbo_terms(&xt, &et).unwrap();
+            opt.step(
+                &(r.sum_all().unwrap() + k.sum_all().unwrap())
+                    .unwrap()
+                    .backward()
+                    .unwrap(),
+            )
+            .unwrap();
+            f.x_mut(b).copy_from_slice(&x);
+            f.eps_mut(b).copy_from_slice(&eps);
+            f.step(b).unwrap();
         }
+        let got = f.params().unwrap();
+        for (name, t) in model::snapshot(&vm).unwrap() {
+            let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let g = got[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (u, w) in a.iter().zip(&g) {
+                assert!(
+                    (u - w).abs() < 1e-5,
+                    "{model:?} normalize {normalize}: {name}: {u} vs {w}"
+                );
+            }
+        }
+        assert_eq!(f.adam_state().unwrap().len(), opt.state().len());
     }
-    assert_eq!(f.adam_state().unwrap().len(), opt.state().len());
 }
 
 #[test]
@@ -390,6 +409,7 @@ fn iwae_leaves_out_only_negligible_samples() {
     }
     let x: Vec<f32> = x.iter().map(|v| (*v > 0.5) as u8 as f32).collect();
     let adam = AdamConfig {
+        normalize_grad: false,
         lr: 1e-3,
         beta1: 0.9,
         beta2: 0.999,
