@@ -93,11 +93,25 @@ pub struct ModelConfig {
     pub flows: usize,
     pub flow_params: FlowParams,
     pub output_bias: OutputBias,
+    /// The prior p(z): the standard normal, or a mixture of `prior_components` learned Gaussians.
+    pub prior: Prior,
+    pub prior_components: usize,
     /// Clip of the encoder's log-variance (absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logvar_min: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logvar_max: Option<f64>,
+}
+
+/// The prior p(z).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prior {
+    /// N(0, I): the KL has a closed form.
+    Normal,
+    /// (1/K) sum_k N(m_k, diag exp(lv_k)) with learned means and log-variances; the KL is the
+    /// one-sample estimate log q(z|x) - log p(z).
+    Mog,
 }
 
 /// How the decoder's output bias starts.
@@ -244,6 +258,8 @@ impl Default for ModelConfig {
             flows: 0,
             flow_params: FlowParams::Amortized,
             output_bias: OutputBias::Default,
+            prior: Prior::Normal,
+            prior_components: 10,
             logvar_min: None,
             logvar_max: None,
         }
@@ -433,6 +449,7 @@ impl Config {
             pos(h, &format!("model.hidden[{i}]"))?;
         }
         pos(self.model.latent, "model.latent")?;
+        pos(self.model.prior_components, "model.prior_components")?;
         let (lo, hi) = (
             self.model.logvar_min.unwrap_or(f64::NEG_INFINITY),
             self.model.logvar_max.unwrap_or(f64::INFINITY),
@@ -500,6 +517,12 @@ impl Config {
                 "key `train.iw_samples`: the IWAE bound has no KL term to weigh; \
                  beta, kl_warmup_epochs and free_bits apply to the ELBO only"
             );
+        }
+        if t.free_bits > 0.0 && self.model.prior != Prior::Normal {
+            bail!("key `train.free_bits` needs the closed-form per-dimension KL of the normal prior; `model.prior = \"mog\"` has none");
+        }
+        if self.model.kind == ModelKind::Ae && self.model.prior != Prior::Normal {
+            bail!("key `model.prior`: an autoencoder has no prior; use `model.kind = \"vae\"`");
         }
         if t.free_bits > 0.0 && self.model.flows > 0 {
             bail!("key `train.free_bits` needs the analytic per-dimension KL, which flows replace; use one or the other");

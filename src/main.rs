@@ -62,7 +62,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         limit: usize,
     },
-    /// New images from the prior: z ~ N(0, I) decoded, as a PNG grid (to stdout, or -o FILE).
+    /// New images from the run's prior (N(0, I), or its mixture) decoded, as a PNG grid (to
+    /// stdout, or -o FILE).
     Sample {
         /// Number of images; the grid is as square as the count allows.
         #[arg(short, default_value_t = 64)]

@@ -11,7 +11,7 @@
 //! `decoder.hidden.{i}.*`, `decoder.out.*`, `decoder.logvar` (D,) for a learned Gaussian;
 //! with flows, `encoder.flow.*` (amortized: K (2Z + 1) outputs) or `flow.{k}.{u,w,b}` (global).
 
-use crate::config::{Activation, DecoderKind, FlowParams, ModelConfig, ModelKind};
+use crate::config::{Activation, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior};
 use crate::loss;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
@@ -88,6 +88,8 @@ pub struct Vae {
     dec_out: Linear,
     /// Gaussian decoder only: learned (D,) or fixed (1,) log-variance.
     dec_logvar: Option<Tensor>,
+    /// A mixture prior's means and log-variances, (K, Z) each.
+    prior: Option<(Tensor, Tensor)>,
 }
 
 /// Planar flow parameters: none, one head giving each image its flow, or one shared flow.
@@ -177,7 +179,15 @@ impl Vae {
                 Some(Tensor::new(&[(2.0 * cfg.sigma.ln()) as f32], vb.device())?)
             }
         };
+        let prior = match cfg.prior {
+            Prior::Normal => None,
+            Prior::Mog => {
+                let k = (cfg.prior_components, cfg.latent);
+                Some((vb.get(k, "prior.means")?, vb.get(k, "prior.logvars")?))
+            }
+        };
         Ok(Vae {
+            prior,
             cfg: cfg.clone(),
             input_dim,
             enc,
@@ -246,11 +256,14 @@ impl Vae {
         let recon = self.recon_nll(&out, &xr)?;
         // log q(z_K|x) - log p(z_K) = 1/2 sum(z_K^2 - eps^2 - logvar) - sum_k log|det J_k|
         // (the ln 2 pi terms cancel).
-        let mut lqp = (((z.sqr()? - eps.sqr()?)? - &lvr)?.sum(1)? * 0.5)?;
+        let mut lqp = match &self.prior {
+            None => (((z.sqr()? - eps.sqr()?)? - &lvr)?.sum(1)? * 0.5)?,
+            Some(_) => (((eps.sqr()? + &lvr)?.sum(1)? * -0.5)? - self.log_prior(&z)?)?,
+        };
         if let Some(ld) = &logdet {
             lqp = (lqp - ld)?;
         }
-        let (kl, kl_dims) = if steps.is_empty() {
+        let (kl, kl_dims) = if steps.is_empty() && self.prior.is_none() {
             let dims = ((((mu.sqr()? + lv.exp()?)? - &lv)? - 1.0)? * 0.5)?;
             (
                 repeat_rows(&dims.sum_keepdim(1)?, s)?.squeeze(1)?,
@@ -291,6 +304,43 @@ impl Vae {
                     .collect::<Result<Vec<_>>>()?
             }
         })
+    }
+
+    /// log p(z) of a mixture prior without its -Z/2 ln 2 pi (which log q's cancels):
+    /// logsumexp_k [-1/2 sum_j ((z_j - m_kj)^2 e^-lv_kj + lv_kj)] - ln K; z (N, Z) -> (N,).
+    /// The standard normal's is -|z|^2 / 2.
+    pub fn log_prior(&self, z: &Tensor) -> Result<Tensor> {
+        let Some((m, lv)) = &self.prior else {
+            return z.sqr()?.sum(1)? * -0.5;
+        };
+        let diff = z.unsqueeze(1)?.broadcast_sub(&m.unsqueeze(0)?)?; // (N, K, Z)
+        let quad = diff
+            .sqr()?
+            .broadcast_mul(&lv.neg()?.exp()?.unsqueeze(0)?)?
+            .sum(2)?;
+        let comp = (quad.broadcast_add(&lv.sum(1)?.unsqueeze(0)?)? * -0.5)?; // (N, K)
+        logsumexp_rows(&comp)? - (m.dim(0)? as f64).ln()
+    }
+
+    /// z from the prior for standard-normal `eps` (n, Z): eps itself, or m_k + sigma_k eps with
+    /// component `pick[i]` for row i under a mixture.
+    pub fn prior_z(&self, eps: &Tensor, pick: &[usize]) -> Result<Tensor> {
+        let Some((m, lv)) = &self.prior else {
+            return Ok(eps.clone());
+        };
+        let k = m.dim(0)?;
+        let idx = Tensor::from_vec(
+            pick.iter().map(|&p| (p % k) as u32).collect::<Vec<_>>(),
+            pick.len(),
+            eps.device(),
+        )?;
+        let (mk, lk) = (m.index_select(&idx, 0)?, lv.index_select(&idx, 0)?);
+        mk + ((lk * 0.5)?.exp()? * eps)?
+    }
+
+    /// Components of the prior (1 for the standard normal).
+    pub fn prior_components(&self) -> usize {
+        self.prior.as_ref().map_or(1, |(m, _)| m.dims()[0])
     }
 
     /// The code the decoder sees for `x` (B, D) at the posterior's centre: mu, carried through
@@ -491,6 +541,12 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
     if cfg.decoder == DecoderKind::Gaussian && cfg.learn_sigma {
         v.push(("decoder.logvar".into(), vec![input_dim], 0));
     }
+    if cfg.prior == Prior::Mog {
+        let k = vec![cfg.prior_components, cfg.latent];
+        // Means start at U(-1, 1) (fan-in 1); log-variances at 0 (a flag fan-in of usize::MAX).
+        v.push(("prior.means".into(), k.clone(), 1));
+        v.push(("prior.logvars".into(), k, usize::MAX));
+    }
     if cfg.flows > 0 && cfg.flow_params == FlowParams::Global {
         for k in 0..cfg.flows {
             v.push((format!("flow.{k}.u"), vec![1, cfg.latent], cfg.latent));
@@ -550,6 +606,8 @@ pub fn init_params(
         let n: usize = shape.iter().product();
         let data: Vec<f32> = if fan_in == 0 {
             vec![(2.0 * cfg.sigma.ln()) as f32; n]
+        } else if fan_in == usize::MAX {
+            vec![0.0; n]
         } else {
             let b = 1.0 / (fan_in as f32).sqrt();
             (0..n).map(|_| rng.random_range(-b..b)).collect()

@@ -97,12 +97,16 @@ pub fn sample(
     c.output.check()?;
     let mut rng = StdRng::seed_from_u64(seed);
     let zd = l.model.cfg.latent;
-    let z: Vec<f32> = (0..n * zd)
+    let eps: Vec<f32> = (0..n * zd)
         .map(|_| {
             let e: f32 = StandardNormal.sample(&mut rng);
             e * temperature as f32
         })
         .collect::<Vec<f32>>();
+    // A mixture prior: a uniform component per image, then its Gaussian scaled by temperature.
+    let k = l.model.prior_components();
+    let pick: Vec<usize> = (0..n).map(|_| rng.random_range(0..k)).collect();
+    let z = prior_z(l, &eps, &pick)?;
     let mut px = decode_means(l, &z)?;
     if draw {
         match l.model.decoder_logvar()? {
@@ -165,19 +169,19 @@ pub fn manifold(
         bail!("--steps {steps}: use 2 to 100");
     }
     check_scale(c.scale)?;
-    let q = picture::normal_quantiles(steps);
+    let (centre, q) = prior_grid(l, steps)?;
     let (z, n, cols) = if dim == 1 {
         if axes.is_some() {
             bail!("--axes applies to --dim 2; --dim 1 draws every latent dimension");
         }
         c.output.check()?;
         eprintln!(
-            "manifold: one row per latent dimension (0 to {}), others held at 0",
+            "manifold: one row per latent dimension (0 to {}), others held at the prior's centre",
             zd - 1
         );
-        let mut z = vec![0f32; zd * steps * zd];
+        let mut z: Vec<f32> = (0..zd * steps).flat_map(|_| centre.clone()).collect();
         for j in 0..zd {
-            for (s, &v) in q.iter().enumerate() {
+            for (s, &v) in q[j].iter().enumerate() {
                 z[(j * steps + s) * zd + j] = v;
             }
         }
@@ -193,7 +197,7 @@ pub fn manifold(
                 }
                 c.output.check()?;
                 eprintln!(
-                    "manifold: latent dimensions {a} (across) and {b} (down), others held at 0"
+                    "manifold: latent dimensions {a} (across) and {b} (down), others held at the prior's centre"
                 );
                 (a, b)
             }
@@ -210,19 +214,19 @@ pub fn manifold(
                 let ((a, ka), (b, kb)) = (kl[0], kl[1]);
                 eprintln!(
                     "manifold: latent dimensions {a} (across) and {b} (down), the two most informative \
-                     (mean KL {ka:.2} and {kb:.2} nats over the test set); the other {} held at 0",
+                     (mean KL {ka:.2} and {kb:.2} nats over the test set); the other {} held at the prior's centre",
                     zd - 2
                 );
                 (a, b)
             }
         };
-        let mut z = vec![0f32; steps * steps * zd];
+        let mut z: Vec<f32> = (0..steps * steps).flat_map(|_| centre.clone()).collect();
         for r in 0..steps {
             for col in 0..steps {
                 let k = (r * steps + col) * zd;
-                z[k + a] = q[col];
+                z[k + a] = q[a][col];
                 // Row 0 at the top holds the largest value, so "up" is up.
-                z[k + b] = q[steps - 1 - r];
+                z[k + b] = q[b][steps - 1 - r];
             }
         }
         (z, steps * steps, steps)
@@ -231,6 +235,52 @@ pub fn manifold(
     let wh = write_grid(&c.output, &px, n, l, cols, c.scale)?;
     said(&c.output, &format!("manifold, {dim}-D, {steps} steps"), wh);
     Ok(())
+}
+
+/// The prior's centre (Z) and, per latent dimension, `steps` quantiles (i + 1/2) / steps of its
+/// marginal: N(0, 1)'s at 0 for the standard normal; for a mixture, its mean and its marginals'
+/// quantiles estimated from 100,000 draws of a fixed seed.
+fn prior_grid(l: &Loaded, steps: usize) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let zd = l.model.cfg.latent;
+    let k = l.model.prior_components();
+    if k == 1 && l.model.cfg.prior == crate::config::Prior::Normal {
+        return Ok((vec![0.0; zd], vec![picture::normal_quantiles(steps); zd]));
+    }
+    let n = 100_000;
+    let z = prior_draws(l, n, 0x6d61_6e69)?; // "mani"
+    let mut centre = vec![0f32; zd];
+    let mut q = Vec::with_capacity(zd);
+    for j in 0..zd {
+        let mut col: Vec<f32> = (0..n).map(|i| z[i * zd + j]).collect();
+        centre[j] = col.iter().map(|v| *v as f64).sum::<f64>() as f32 / n as f32;
+        col.sort_by(|a, b| a.total_cmp(b));
+        q.push(
+            (0..steps)
+                .map(|s| col[((s as f64 + 0.5) / steps as f64 * n as f64) as usize])
+                .collect(),
+        );
+    }
+    Ok((centre, q))
+}
+
+/// `n` draws of z from the run's prior (n * Z on the host), from a stream of `seed`: a uniform
+/// component, then its Gaussian.
+pub fn prior_draws(l: &Loaded, n: usize, seed: u64) -> Result<Vec<f32>> {
+    let zd = l.model.cfg.latent;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let eps: Vec<f32> = (0..n * zd)
+        .map(|_| StandardNormal.sample(&mut rng))
+        .collect();
+    let k = l.model.prior_components();
+    let pick: Vec<usize> = (0..n).map(|_| rng.random_range(0..k)).collect();
+    prior_z(l, &eps, &pick)
+}
+
+/// z = the prior's transform of standard-normal `eps` (n * Z) with components `pick`.
+pub fn prior_z(l: &Loaded, eps: &[f32], pick: &[usize]) -> Result<Vec<f32>> {
+    let zd = l.model.cfg.latent;
+    let t = Tensor::from_slice(eps, (eps.len() / zd, zd), &l.dev)?;
+    Ok(l.model.prior_z(&t, pick)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// Parses "3,17,42".
@@ -496,7 +546,9 @@ pub fn epoch_pictures(
     let dir = run_dir.join("pictures");
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let n = z.len() / l.model.cfg.latent;
-    let px = decode_means(l, z)?;
+    // The fixed standard-normal draws through the run's prior (component i mod K for image i).
+    let z = prior_z(l, z, &(0..n).collect::<Vec<_>>())?;
+    let px = decode_means(l, &z)?;
     let (g, w, h) = picture::grid(
         &px,
         n,

@@ -33,8 +33,9 @@ pub mod linear;
 pub mod math;
 pub mod objective;
 pub mod planar;
+pub mod prior;
 
-use crate::config::{Activation, Config, DecoderKind, FlowParams, ModelConfig, ModelKind};
+use crate::config::{Activation, Config, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior};
 use crate::model::MIN_LOGVAR;
 use crate::optim::AdamConfig;
 use adam::{adam_range, AdamStep, Moments};
@@ -55,6 +56,8 @@ pub struct Net {
     head: Lin,
     /// Global flows' (u, w, b) per step, K (2Z + 1) values from this offset.
     global_flows: Option<usize>,
+    /// A mixture prior's means (K, Z) then log-variances (K, Z), from this offset.
+    prior: Option<usize>,
     dec: Vec<Lin>,
     out: Lin,
     /// Learned decoder log-variance (D) offset, if any.
@@ -104,6 +107,12 @@ impl Net {
         } else {
             None
         };
+        let prior = if cfg.prior == Prior::Mog {
+            size += 2 * cfg.prior_components * z;
+            Some(size - 2 * cfg.prior_components * z)
+        } else {
+            None
+        };
         let mut lin = |n_in: usize, n_out: usize| {
             let l = Lin {
                 w: size,
@@ -133,6 +142,7 @@ impl Net {
             enc,
             head,
             global_flows,
+            prior,
             dec,
             out,
             dec_lv,
@@ -158,6 +168,25 @@ impl Net {
             lv_min: self.cfg.logvar_min.map_or(f32::NEG_INFINITY, |v| v as f32),
             lv_max: self.cfg.logvar_max.map_or(f32::INFINITY, |v| v as f32),
         }
+    }
+
+    /// The mixture prior's parameters in `th` and this step's constants.
+    fn mixture<'a>(&self, th: &'a [f32], inv: &'a [f32], lv_sum: &'a [f32]) -> prior::Mixture<'a> {
+        let (k, z) = (self.cfg.prior_components, self.cfg.latent);
+        let off = self.prior.unwrap_or(0);
+        prior::Mixture {
+            means: &th[off..off + k * z],
+            logvars: &th[off + k * z..off + 2 * k * z],
+            inv,
+            lv_sum,
+            k,
+            z,
+        }
+    }
+
+    /// Whether the KL term is the Monte-Carlo log q - log p (flows or a mixture prior).
+    fn mc_kl(&self) -> bool {
+        self.cfg.flows > 0 || self.prior.is_some()
     }
 
     fn is_ae(&self) -> bool {
@@ -229,12 +258,16 @@ impl Net {
                 &mut w.lq,
             );
         }
-        // log p(z_K) = -1/2 |z_K|^2 (+ the cancelled constant).
-        let zk = &w.zs[self.cfg.flows];
-        if !self.is_ae() {
-            for r in 0..rows {
-                let v = &zk[r * z..(r + 1) * z];
-                w.lq[r] += 0.5 * v.iter().map(|t| t * t).sum::<f32>();
+        // log q - log p: -log p(z_K) (the ln 2 pi terms cancel).
+        let zk = &w.zs[self.cfg.flows][..rows * z];
+        match self.prior {
+            _ if self.is_ae() => {}
+            None => prior::normal_forward(zk, &mut w.lq[..rows], z),
+            Some(off) => {
+                let kz = self.cfg.prior_components * z;
+                prior::mixture_prepare(&th[off + kz..off + 2 * kz], &mut w.pinv, &mut w.plv, z);
+                let mx = self.mixture(th, &w.pinv, &w.plv);
+                prior::mixture_forward(zk, &mx, &mut w.resp, &mut w.lq[..rows]);
             }
         }
         linear::mlp_forward(
@@ -301,6 +334,20 @@ impl Net {
                 Box::new(move |k| off + k),
             ));
         }
+        if let Some(off) = self.prior {
+            let kz = self.cfg.prior_components * z;
+            let shape = vec![self.cfg.prior_components, z];
+            v.push((
+                "prior.means".into(),
+                shape.clone(),
+                Box::new(move |i| off + i),
+            ));
+            v.push((
+                "prior.logvars".into(),
+                shape,
+                Box::new(move |i| off + kz + i),
+            ));
+        }
         if let Some(off) = self.global_flows {
             for k in 0..self.cfg.flows {
                 let o = off + k * (2 * z + 1);
@@ -362,6 +409,10 @@ impl Net {
         };
         if let Some(o) = self.dec_lv {
             v.push(one(o, self.dim));
+        }
+        if let Some(o) = self.prior {
+            let kz = self.cfg.prior_components * z;
+            v.extend([one(o, kz), one(o + kz, kz)]);
         }
         if let Some(off) = self.global_flows {
             for k in 0..self.cfg.flows {
@@ -484,6 +535,11 @@ pub struct Work {
     /// input gathered to them.
     keep: Vec<u32>,
     zc: Vec<f32>,
+    /// A mixture prior: inverse variances (K, Z), log-variance sums (K), responsibilities
+    /// (B S, K).
+    pinv: Vec<f32>,
+    plv: Vec<f32>,
+    resp: Vec<f32>,
     /// Gaussian decoder: floored log-variance and its inverse (D), and the second worker's share
     /// of the learned log-variance's gradient.
     lv: Vec<f32>,
@@ -532,6 +588,9 @@ impl Work {
             d_hd: vec![0.0; cap * net.hc()],
             keep: Vec::with_capacity(rows),
             zc: vec![0.0; rows * z],
+            pinv: vec![0.0; net.prior.map_or(0, |_| cfg.prior_components * z)],
+            plv: vec![0.0; net.prior.map_or(0, |_| cfg.prior_components)],
+            resp: vec![0.0; net.prior.map_or(0, |_| rows * cfg.prior_components)],
             lv: vec![0.0; dim],
             inv: vec![0.0; dim],
             g_lv2: vec![0.0; dim],
@@ -781,7 +840,7 @@ impl Fused {
         // The logged KL: closed form without flows, else the samples' mean log q - log p.
         let kl = if kind == Kind::Ae {
             0.0
-        } else if flows == 0 {
+        } else if !net.mc_kl() {
             kl_closed
         } else {
             w.lq[..rows].iter().map(|&v| v as f64).sum::<f64>() / s as f64
@@ -791,13 +850,13 @@ impl Fused {
         let kw = self.kl_weight;
         let use_cq = match kind {
             Kind::Iwae => true,
-            Kind::Elbo if flows > 0 => {
+            Kind::Elbo if net.mc_kl() => {
                 w.cq[..rows].fill(kw / s as f32);
                 true
             }
             _ => false,
         };
-        if kind == Kind::Elbo && flows == 0 {
+        if kind == Kind::Elbo && !net.mc_kl() {
             objective::kl_weights(&mut w.ckl, &w.kl_dim, b, kw, self.free_bits);
         } else {
             w.ckl.fill(0.0);
@@ -880,11 +939,15 @@ impl Fused {
                 }
                 // d1 holds dz_K (B S, Z); log q - log p's -log p(z_K) = |z_K|^2 / 2 adds cq z_K.
                 if use_cq {
-                    let zk = &w.zs[flows];
-                    for r in 0..rows {
-                        let c = w.cq[r];
-                        for j in 0..z {
-                            w.d1[r * z + j] += c * zk[r * z + j];
+                    let zk = &w.zs[flows][..rows * z];
+                    match net.prior {
+                        None => prior::normal_backward(zk, &w.cq, &mut w.d1, z),
+                        Some(off) => {
+                            let kz = net.cfg.prior_components * z;
+                            let mx = net.mixture(th, &w.pinv, &w.plv);
+                            let (gm, gl) = st.g[off..off + 2 * kz].split_at_mut(kz);
+                            prior::mixture_backward(zk, &mx, &w.resp, &w.cq, &mut w.d1, gm, gl);
+                            adam_range(&adam, th, st, off, off + 2 * kz);
                         }
                     }
                 }

@@ -278,6 +278,21 @@ fn planar_flows_amortized_and_global() {
 }
 
 #[test]
+fn mixture_prior() {
+    use crate::config::Prior;
+    let mog = ModelConfig {
+        prior: Prior::Mog,
+        prior_components: 4,
+        ..small(vec![7], 3)
+    };
+    check(mog.clone());
+    check_with(mog.clone(), 1, 1, 0.3, false);
+    check_with(mog.clone(), 2, 1, 1.0, false);
+    check_with(mog.clone(), 1, 3, 1.0, false);
+    check_with(ModelConfig { flows: 2, ..mog }, 1, 3, 1.0, false);
+}
+
+#[test]
 fn autoencoder() {
     check(ModelConfig {
         kind: ModelKind::Ae,
@@ -361,6 +376,11 @@ fn iw_estimate_matches_candle_log_weights() {
             learn_sigma: true,
             sigma: 0.5,
             ..small(vec![6], 2)
+        },
+        ModelConfig {
+            prior: crate::config::Prior::Mog,
+            prior_components: 3,
+            ..small(vec![7], 3)
         },
     ];
     for model in models {
