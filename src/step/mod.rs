@@ -176,7 +176,6 @@ impl Net {
         let off = self.prior.unwrap_or(0);
         prior::Mixture {
             means: &th[off..off + k * z],
-            logvars: &th[off + k * z..off + 2 * k * z],
             inv,
             lv_sum,
             k,

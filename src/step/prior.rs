@@ -26,11 +26,10 @@ pub fn normal_backward(z: &[f32], cq: &[f32], dz: &mut [f32], zd: usize) {
     }
 }
 
-/// A mixture's parameters and per-step constants: means (K, Z), log-variances (K, Z), their
-/// inverse variances (K, Z) and each component's sum of log-variances (K).
+/// A mixture's means (K, Z) and the per-step constants of its log-variances: inverse variances
+/// (K, Z) and each component's sum of log-variances (K).
 pub struct Mixture<'a> {
     pub means: &'a [f32],
-    pub logvars: &'a [f32],
     pub inv: &'a [f32],
     pub lv_sum: &'a [f32],
     pub k: usize,
@@ -55,7 +54,7 @@ pub fn mixture_forward(zs: &[f32], mx: &Mixture, resp: &mut [f32], lq: &mut [f32
     simd!({
         for (r, zr) in zs.chunks_exact(zd).enumerate() {
             let c = &mut resp[r * k..(r + 1) * k];
-            for i in 0..k {
+            for (i, ci) in c.iter_mut().enumerate() {
                 let (m, inv) = (
                     &mx.means[i * zd..(i + 1) * zd],
                     &mx.inv[i * zd..(i + 1) * zd],
@@ -65,7 +64,7 @@ pub fn mixture_forward(zs: &[f32], mx: &Mixture, resp: &mut [f32], lq: &mut [f32
                     let d = zr[j] - m[j];
                     q += d * d * inv[j];
                 }
-                c[i] = -0.5 * (q + mx.lv_sum[i]);
+                *ci = -0.5 * (q + mx.lv_sum[i]);
             }
             let top = c.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -123,7 +122,6 @@ pub fn mixture_backward(
             }
         }
     });
-    let _ = mx.logvars;
 }
 
 #[cfg(test)]
@@ -139,7 +137,6 @@ mod tests {
         mixture_prepare(&logvars, &mut inv, &mut lvs, 1);
         let mx = Mixture {
             means: &means,
-            logvars: &logvars,
             inv: &inv,
             lv_sum: &lvs,
             k: 2,
