@@ -24,6 +24,18 @@ pub struct Lin {
 }
 
 impl Lin {
+    /// The next layer of `n_in` -> `n_out` in a flat buffer whose `size` it advances.
+    pub fn alloc(size: &mut usize, n_in: usize, n_out: usize) -> Lin {
+        let l = Lin {
+            w: *size,
+            b: *size + n_in * n_out,
+            n_in,
+            n_out,
+        };
+        *size += n_in * n_out + n_out;
+        l
+    }
+
     /// One past its last parameter.
     pub fn end(&self) -> usize {
         self.b + self.n_out

@@ -68,16 +68,6 @@ pub struct Net {
 impl Net {
     pub fn new(cfg: &ModelConfig, dim: usize) -> Self {
         let mut size = 0usize;
-        let mut lin = |n_in: usize, n_out: usize| {
-            let l = Lin {
-                w: size,
-                b: size + n_in * n_out,
-                n_in,
-                n_out,
-            };
-            size += n_in * n_out + n_out;
-            l
-        };
         let z = cfg.latent;
         // A gated layer's product has twice its outputs: [linear | gate].
         let wide = if cfg.activation == Activation::Gated {
@@ -88,7 +78,7 @@ impl Net {
         let mut enc = Vec::new();
         let mut prev = dim;
         for &h in &cfg.hidden {
-            enc.push(lin(prev, wide * h));
+            enc.push(Lin::alloc(&mut size, prev, wide * h));
             prev = h;
         }
         let amortized = if cfg.flow_params == FlowParams::Amortized {
@@ -100,7 +90,7 @@ impl Net {
             ModelKind::Vae => 2 * z + amortized,
             ModelKind::Ae => z,
         };
-        let head = lin(prev, hc);
+        let head = Lin::alloc(&mut size, prev, hc);
         let global_flows = if cfg.flows > 0 && cfg.flow_params == FlowParams::Global {
             size += cfg.flows * (2 * z + 1);
             Some(size - cfg.flows * (2 * z + 1))
@@ -113,23 +103,13 @@ impl Net {
         } else {
             None
         };
-        let mut lin = |n_in: usize, n_out: usize| {
-            let l = Lin {
-                w: size,
-                b: size + n_in * n_out,
-                n_in,
-                n_out,
-            };
-            size += n_in * n_out + n_out;
-            l
-        };
         let mut dec = Vec::new();
         let mut prev = z;
         for &h in cfg.hidden.iter().rev() {
-            dec.push(lin(prev, wide * h));
+            dec.push(Lin::alloc(&mut size, prev, wide * h));
             prev = h;
         }
-        let out = lin(prev, dim);
+        let out = Lin::alloc(&mut size, prev, dim);
         let dec_lv = if cfg.decoder == DecoderKind::Gaussian && cfg.learn_sigma {
             size += dim;
             Some(size - dim)
