@@ -64,8 +64,7 @@ pub fn curves(points: &[Point], title: &str) -> Result<Vec<u8>> {
                 .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
             let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 1.0) };
             let pad = ((hi - lo) * 0.08).max(0.5);
-            let x0 = shown.first().map(|p| p.epoch).unwrap_or(0.0);
-            let x1 = shown.last().map(|p| p.epoch).unwrap_or(1.0).max(x0 + 1.0);
+            let (x0, x1) = epoch_range(&shown);
             let mut chart = ChartBuilder::on(area)
                 .margin(12)
                 .caption(names[k], ("sans-serif", 17))
@@ -76,7 +75,8 @@ pub fn curves(points: &[Point], title: &str) -> Result<Vec<u8>> {
             chart
                 .configure_mesh()
                 .x_desc("epoch")
-                .x_label_formatter(&|x| format!("{x:.0}"))
+                .x_labels(((x1 - x0).ceil() as usize + 1).clamp(2, 12))
+                .x_label_formatter(&|x| epoch_label(*x))
                 .y_label_formatter(&|y| format!("{y:.1}"))
                 .label_style(("sans-serif", 13))
                 .axis_desc_style(("sans-serif", 14))
@@ -216,6 +216,24 @@ pub fn scatter(
     crate::picture::png_rgb(&buf, w, h)
 }
 
+/// The x range of the shown epochs, half an epoch beyond the first and last, so that a 1- or
+/// 2-epoch run has its points inside the frame.
+fn epoch_range(shown: &[&Point]) -> (f64, f64) {
+    let first = shown.first().map(|p| p.epoch).unwrap_or(0.0);
+    let last = shown.last().map(|p| p.epoch).unwrap_or(first);
+    (first - 0.5, last.max(first) + 0.5)
+}
+
+/// An x tick's label: whole epochs only, so no epoch is printed twice (plotters also puts
+/// ticks between whole numbers on a short axis).
+fn epoch_label(x: f64) -> String {
+    if (x - x.round()).abs() < 1e-6 {
+        format!("{x:.0}")
+    } else {
+        String::new()
+    }
+}
+
 /// Reads a run's metrics.csv into plot points.
 pub fn read_metrics(text: &str) -> Vec<Point> {
     text.lines()
@@ -239,6 +257,22 @@ pub fn read_metrics(text: &str) -> Vec<Point> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_axis_labels_whole_epochs_once() {
+        // Ticks at 1, 1.25, ..., 2 label as "1", "", "", "", "2": each epoch once.
+        let labels: Vec<String> = (0..5).map(|i| epoch_label(1.0 + 0.25 * i as f64)).collect();
+        assert_eq!(labels, vec!["1", "", "", "", "2"]);
+        // A 1-epoch run is drawn inside [0.5, 1.5]; 2 epochs inside [0.5, 2.5].
+        let p = |e: f64| Point {
+            epoch: e,
+            train: None,
+            test: [1.0, 1.0, 0.0],
+        };
+        let (a, b) = (p(1.0), p(2.0));
+        assert_eq!(epoch_range(&[&a]), (0.5, 1.5));
+        assert_eq!(epoch_range(&[&a, &b]), (0.5, 2.5));
+    }
 
     #[test]
     fn curves_and_scatter_render() {
