@@ -62,8 +62,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         limit: usize,
     },
-    /// New images from the run's prior (N(0, I), or its mixture) decoded, as a PNG grid (to
-    /// stdout, or -o FILE).
+    /// New images from the run's prior (N(0, I), or its mixture) decoded, as a PNG grid.
     Sample {
         /// Number of images; the grid is as square as the count allows.
         #[arg(short, default_value_t = 64)]
@@ -147,7 +146,8 @@ struct PicArgs {
     /// Run directory (default: the one runs/latest names).
     #[arg(long, value_name = "DIR")]
     run: Option<String>,
-    /// Output PNG; `-` for standard output.
+    /// Output PNG; `-` for standard output. Without it: standard output when that is not a
+    /// terminal, else <run>/<command>.png.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// Enlarge each image this many times.
@@ -158,12 +158,16 @@ struct PicArgs {
     device: Option<String>,
 }
 
-/// Opens the run and resolves the output: stdout for `sample`, else `<run>/<file>`.
-fn picture_run(p: &PicArgs, default_file: Option<&str>) -> Result<(eval::Loaded, Common)> {
+/// Opens the run and resolves the output by the one rule of every picture command: `-o FILE`
+/// (`-o -`: standard output) wins; else the PNG goes to standard output when that is not a
+/// terminal (a pipe or a redirect), and to `<run>/<file>` when it is.
+fn picture_run(p: &PicArgs, default_file: &str) -> Result<(eval::Loaded, Common)> {
+    use std::io::IsTerminal;
     let l = eval::open(p.run.as_deref(), p.device.as_deref())?;
-    let default = match default_file {
-        Some(f) => Output::File(l.dir.join(f)),
-        None => Output::Stdout,
+    let default = if std::io::stdout().is_terminal() {
+        Output::File(l.dir.join(default_file))
+    } else {
+        Output::Stdout
     };
     let output = Output::from_arg(p.output.as_deref(), default);
     Ok((
@@ -246,9 +250,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             draw,
             pic,
         } => {
-            // Refuse a terminal before loading anything.
-            Output::from_arg(pic.output.as_deref(), Output::Stdout).check()?;
-            let (l, c) = picture_run(&pic, None)?;
+            let (l, c) = picture_run(&pic, "sample.png")?;
             pictures::sample(&l, n, seed, temperature, draw, &c)?;
         }
         Cmd::Manifold {
@@ -258,7 +260,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             pic,
         } => {
             let axes = axes.as_deref().map(parse_pair).transpose()?;
-            let (l, c) = picture_run(&pic, Some("manifold.png"))?;
+            let (l, c) = picture_run(&pic, "manifold.png")?;
             pictures::manifold(&l, dim, steps, axes, &c)?;
         }
         Cmd::Reconstruct {
@@ -271,7 +273,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 Some(s) => pictures::parse_indices(&s)?,
                 None => (0..n).collect(),
             };
-            let (l, c) = picture_run(&pic, Some("reconstruction.png"))?;
+            let (l, c) = picture_run(&pic, "reconstruction.png")?;
             pictures::reconstruct(&l, &idx, cols, &c)?;
         }
         Cmd::Interpolate {
@@ -281,15 +283,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             slerp,
             pic,
         } => {
-            let (l, c) = picture_run(&pic, Some("interpolation.png"))?;
+            let (l, c) = picture_run(&pic, "interpolation.png")?;
             pictures::interpolate(&l, from, to, steps, slerp, &c)?;
         }
         Cmd::Curves { pic } => {
-            let (l, c) = picture_run(&pic, Some(pictures::CURVES_FILE))?;
+            let (l, c) = picture_run(&pic, pictures::CURVES_FILE)?;
             pictures::curves(&l.dir, &c)?;
         }
         Cmd::Scatter { limit, pic } => {
-            let (l, c) = picture_run(&pic, Some("scatter.png"))?;
+            let (l, c) = picture_run(&pic, "scatter.png")?;
             pictures::scatter(&l, limit, &c)?;
         }
     }

@@ -64,6 +64,7 @@ fn manifold_reconstruct_interpolate_scatter() {
     let t = tempfile::tempdir().unwrap();
     trained(t.path());
     let run = t.path().join("runs/tiny");
+    // Standard output is a pipe here: the PNG goes there (the one rule of picture commands).
     let o = vae(t.path(), &["manifold", "--dim", "2", "--steps", "5"]);
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -71,10 +72,8 @@ fn manifold_reconstruct_interpolate_scatter() {
         err.contains("most informative"),
         "manifold should say which axes it chose: {err}"
     );
-    assert_eq!(
-        png_size(&std::fs::read(run.join("manifold.png")).unwrap()),
-        (grid_px(5), grid_px(5))
-    );
+    assert_eq!(png_size(&o.stdout), (grid_px(5), grid_px(5)));
+    assert!(!run.join("manifold.png").exists(), "a pipe took the PNG");
     ok(
         t.path(),
         &["manifold", "--axes", "0,3", "--steps", "4", "-o", "ax.png"],
@@ -134,11 +133,8 @@ fn manifold_reconstruct_interpolate_scatter() {
         png_size(&std::fs::read(t.path().join("i.png")).unwrap()),
         (grid_px(8), grid_px(2))
     );
-    ok(t.path(), &["scatter", "--limit", "500"]);
-    assert_eq!(
-        png_size(&std::fs::read(run.join("scatter.png")).unwrap()),
-        (900, 820)
-    );
+    let png = ok_bytes(t.path(), &["scatter", "--limit", "500"]);
+    assert_eq!(png_size(&png), (900, 820));
 }
 
 #[test]
@@ -212,13 +208,10 @@ fn picture_bad_input() {
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
-/// `vae sample` with a terminal as standard output refuses, and says how to redirect.
-#[test]
-fn sample_refuses_a_terminal() {
+/// Runs `vae` in `dir` with a pseudo-terminal as its standard output.
+fn on_a_terminal(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     use std::os::fd::FromRawFd;
-    let t = tempfile::tempdir().unwrap();
-    trained(t.path());
-    // A pseudo-terminal: the master end stays here, the slave becomes the child's stdout.
+    // The master end stays here, the slave becomes the child's stdout.
     let (master, slave) = unsafe {
         let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
         assert!(m >= 0, "posix_openpt");
@@ -231,12 +224,39 @@ fn sample_refuses_a_terminal() {
         (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s))
     };
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
-        .args(["sample", "-n", "4"])
-        .current_dir(t.path())
+        .args(args)
+        .current_dir(dir)
         .stdout(slave)
         .output()
         .unwrap();
     drop(master);
+    o
+}
+
+/// On a terminal a picture command writes `<run>/<name>.png` (the one rule: stdout only when it
+/// is not a terminal; `-o` wins), and `-o -` to a terminal is refused with how to redirect.
+#[test]
+fn pictures_on_a_terminal_go_to_the_run() {
+    let t = tempfile::tempdir().unwrap();
+    trained(t.path());
+    let run = t.path().join("runs/tiny");
+    for (cmd, file) in [
+        (&["sample", "-n", "4"][..], "sample.png"),
+        (&["manifold", "--steps", "4"][..], "manifold.png"),
+    ] {
+        let o = on_a_terminal(t.path(), cmd);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{cmd:?}: {err}");
+        assert!(
+            png_size(&std::fs::read(run.join(file)).unwrap()).0 > 0,
+            "{file}"
+        );
+        assert!(
+            err.contains(file),
+            "{cmd:?} should say where it wrote: {err}"
+        );
+    }
+    let o = on_a_terminal(t.path(), &["sample", "-n", "4", "-o", "-"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "wrote a PNG to a terminal");
     assert!(err.contains("terminal") && err.contains("-o"), "{err}");
