@@ -308,6 +308,7 @@ impl<'a> Session<'a> {
         let dev = device::open(&cfg.device).context("key `device` / --device")?;
         let mut ds = data::load_dir(&cfg.data.dir, cfg.data.limit, cfg.data.test_limit)?;
         let dim = ds.train.dim();
+        check_memory(cfg, dim)?;
         let x_valid = if cfg.data.valid > 0 {
             if cfg.data.valid >= ds.train.n {
                 bail!(
@@ -726,6 +727,73 @@ fn diverged(
         cfg.train.lr / 10.0,
         run_dir.display()
     )
+}
+
+/// Refuses, before anything is allocated, a config whose parameters (with gradients and Adam's
+/// two moments) and per-batch buffers would not fit in this machine's available memory, naming
+/// the key that makes them so. Sizes are counted in u128, so no product overflows.
+fn check_memory(cfg: &Config, dim: usize) -> Result<()> {
+    let Some(avail) = available_bytes() else {
+        return Ok(());
+    };
+    let m = &cfg.model;
+    let params: u128 = model::param_specs(m, dim)
+        .iter()
+        .map(|(_, shape, _)| shape.iter().map(|&v| v as u128).product::<u128>())
+        .sum();
+    let wide: u128 = if m.activation == crate::config::Activation::Gated {
+        2
+    } else {
+        1
+    };
+    let hidden: u128 = m.hidden.iter().map(|&h| h as u128).sum();
+    let (z, d) = (m.latent as u128, dim as u128);
+    let b = cfg.train.batch_size.max(cfg.train.eval_batch_size) as u128;
+    let rows =
+        cfg.train.batch_size as u128 * cfg.train.mc_samples.max(cfg.train.iw_samples) as u128;
+    // Per image: input, pre-activations and activations, heads; per sample row: z's, decoder
+    // activations, output and its gradient, two scratch rows, the prior's responsibilities.
+    let per_batch = b * (d + 2 * wide * hidden + 6 * z)
+        + rows
+            * (z * (m.flows as u128 + 4)
+                + 2 * wide * hidden
+                + 2 * d
+                + 2 * wide * hidden.max(z)
+                + m.prior_components as u128);
+    let (p_bytes, b_bytes) = (4 * 4 * params, 4 * per_batch);
+    if p_bytes + b_bytes <= avail as u128 {
+        return Ok(());
+    }
+    let gb = |v: u128| v as f64 / 1e9;
+    let key = if p_bytes >= b_bytes {
+        if m.latent as u128 > hidden && m.latent > dim {
+            "model.latent"
+        } else {
+            "model.hidden"
+        }
+    } else if rows > cfg.train.batch_size as u128 {
+        "train.iw_samples / train.mc_samples"
+    } else if m.latent as u128 > hidden && m.latent > dim {
+        "model.latent"
+    } else {
+        "train.batch_size"
+    };
+    bail!(
+        "key `{key}`: this model needs ~{:.1} GB for its parameters, gradients and Adam's moments \
+         and ~{:.1} GB of batch buffers, more than the {:.1} GB this machine has available; \
+         make it smaller",
+        gb(p_bytes),
+        gb(b_bytes),
+        gb(avail as u128)
+    )
+}
+
+/// MemAvailable from /proc/meminfo, in bytes (Linux); None elsewhere.
+fn available_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// This process's peak resident set (VmHWM in /proc/self/status), Linux only.

@@ -314,3 +314,22 @@ fn hostile_arguments_fail_cleanly_and_write_nothing() {
     let after = snapshot(p);
     assert_eq!(before, after, "a failed command created or changed files");
 }
+
+/// Sizes that cannot be allocated are refused before allocating, in one line naming the key.
+#[test]
+fn sizes_too_large_for_memory_are_refused_by_key() {
+    let t = tempfile::tempdir().unwrap();
+    let d = format!("data.dir={}", data_dir());
+    for (set, key) in [
+        ("model.hidden=[4000000000]", "model.hidden"),
+        ("model.latent=3000000000", "model.latent"),
+        ("train.batch_size=2000000000", "train.batch_size"),
+    ] {
+        fails(
+            t.path(),
+            &["train", "-c", "tiny.toml", "-q", "--set", &d, "--set", set],
+            key,
+        );
+        assert!(!t.path().join("runs").exists(), "{set}: left a run behind");
+    }
+}
