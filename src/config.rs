@@ -189,6 +189,8 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Adam on each parameter tensor's gradient divided by its L2 norm (AdamNormGrad).
     pub normalize_grad: bool,
+    /// Evaluate the test set (and draw the epoch's pictures) every N epochs and at the last.
+    pub eval_every: usize,
 }
 
 /// How the learning rate moves over epochs (`schedule::lr`).
@@ -289,6 +291,7 @@ impl Default for TrainConfig {
             lr_min: 0.0,
             patience: 0,
             normalize_grad: false,
+            eval_every: 1,
         }
     }
 }
@@ -493,6 +496,7 @@ impl Config {
         pos(t.mc_samples, "train.mc_samples")?;
         pos(t.iw_samples, "train.iw_samples")?;
         pos(t.lr_step_epochs, "train.lr_step_epochs")?;
+        pos(t.eval_every, "train.eval_every")?;
         if t.patience > 0 && self.data.valid == 0 {
             bail!("key `train.patience` stops on the validation -ELBO; set `data.valid = N` to hold out N training images");
         }

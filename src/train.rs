@@ -44,9 +44,12 @@ struct EpochRow {
     epoch: usize,
     step: u64,
     train: Option<Totals>,
-    test: Totals,
+    /// None on an epoch `train.eval_every` skips.
+    test: Option<Totals>,
     valid: Option<Totals>,
     seconds: f64,
+    /// `train.eval_every`, for the line of a skipped epoch.
+    every: usize,
 }
 
 impl EpochRow {
@@ -62,17 +65,13 @@ impl EpochRow {
             .valid
             .map(|v| format!("{:.4}", v.nelbo()))
             .unwrap_or_default();
+        let test = self
+            .test
+            .map(|t| format!("{:.4},{:.4},{:.4}", t.nelbo(), t.recon, t.kl))
+            .unwrap_or_else(|| ",,".into());
         format!(
-            "{},{},{},{:.4},{:.4},{:.4},{:.3},{},{}\n",
-            self.epoch,
-            self.step,
-            tr,
-            self.test.nelbo(),
-            self.test.recon,
-            self.test.kl,
-            self.seconds,
-            ips,
-            valid
+            "{},{},{},{},{:.3},{},{}\n",
+            self.epoch, self.step, tr, test, self.seconds, ips, valid
         )
     }
 
@@ -81,12 +80,15 @@ impl EpochRow {
             .valid
             .map(|v| format!("valid -ELBO {:7.2}  ", v.nelbo()))
             .unwrap_or_default();
-        let test = format!(
-            "{valid}test -ELBO {:7.2} (recon {:7.2}, KL {:6.2})",
-            self.test.nelbo(),
-            self.test.recon,
-            self.test.kl
-        );
+        let test = match self.test {
+            Some(t) => format!(
+                "{valid}test -ELBO {:7.2} (recon {:7.2}, KL {:6.2})",
+                t.nelbo(),
+                t.recon,
+                t.kl
+            ),
+            None => format!("{valid}(test every {} epochs)", self.every),
+        };
         match self.train {
             Some(t) => format!(
                 "epoch {:>3}/{epochs}  train -ELBO {:7.2} (recon {:7.2}, KL {:6.2})  {test}  {:6.2} s  {:7.0} img/s",
@@ -255,9 +257,10 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
             epoch: 0,
             step: 0,
             train: None,
-            test: s.evaluate()?.0,
+            test: Some(s.evaluate()?.0),
             valid: s.evaluate_valid()?,
             seconds: 0.0,
+            every: cfg.train.eval_every,
         };
         s.log(&row0);
     }
@@ -548,15 +551,21 @@ impl<'a> Session<'a> {
     /// whether training goes on (false: early stopping).
     fn end_epoch(&mut self, epoch: usize, train: Totals, seconds: f64) -> Result<bool> {
         let cfg = self.cfg;
-        let (test, model) = self.evaluate()?;
+        let every = cfg.train.eval_every;
+        let tested = if epoch.is_multiple_of(every) || epoch == cfg.train.epochs {
+            Some(self.evaluate()?)
+        } else {
+            None
+        };
         let valid = self.evaluate_valid()?;
         let row = EpochRow {
             epoch,
             step: self.engine.steps(),
             train: Some(train),
-            test,
+            test: tested.as_ref().map(|t| t.0),
             valid,
             seconds,
+            every,
         };
         self.log(&row);
         // The best validation epoch; epochs without a better one count after the KL warm-up.
@@ -591,21 +600,24 @@ impl<'a> Session<'a> {
             None,
         )?;
         run::write_atomic(&self.run_dir.join(run::METRICS_FILE), self.csv.as_bytes())?;
-        let l = Loaded {
-            dir: self.run_dir.clone(),
-            cfg: cfg.clone(),
-            state,
-            model,
-            dev: self.dev.clone(),
-        };
-        pictures::epoch_pictures(
-            &l,
-            &self.run_dir,
-            epoch,
-            &self.picture_z,
-            &self.test_px,
-            &self.csv,
-        )?;
+        // The epoch's pictures with its test evaluation (skipped epochs draw none).
+        if let Some((_, model)) = tested {
+            let l = Loaded {
+                dir: self.run_dir.clone(),
+                cfg: cfg.clone(),
+                state,
+                model,
+                dev: self.dev.clone(),
+            };
+            pictures::epoch_pictures(
+                &l,
+                &self.run_dir,
+                epoch,
+                &self.picture_z,
+                &self.test_px,
+                &self.csv,
+            )?;
+        }
         if let Some(b) = self.best.filter(|b| b.stopped) {
             println!(
                 "early stopping: no better validation -ELBO for {} epochs; the run's model is \

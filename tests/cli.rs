@@ -329,3 +329,22 @@ fn mixture_prior_trains_evaluates_and_draws() {
         assert!(std::fs::metadata(t.path().join(f)).unwrap().len() > 100);
     }
 }
+
+/// `train.eval_every`: the test set (and the epoch's pictures) every N epochs and at the last;
+/// the other epochs' rows leave the test columns empty, and the curves still draw.
+#[test]
+fn eval_every_skips_test_epochs() {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(
+        t.path(),
+        &["--set", "train.epochs=3", "--set", "train.eval_every=2"],
+    );
+    let m = metrics(&run);
+    let has_test: Vec<bool> = m.iter().map(|r| !r[5].is_empty()).collect();
+    assert_eq!(has_test, vec![true, false, true, true], "{m:?}");
+    assert!(m[1][2].parse::<f64>().unwrap() > 0.0, "epoch 1 still logs its training -ELBO");
+    let pics = run.join("pictures");
+    assert!(!pics.join("sample-001.png").exists());
+    assert!(pics.join("sample-002.png").is_file() && pics.join("sample-003.png").is_file());
+    assert!(run.join("curves.png").is_file());
+}
