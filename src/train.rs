@@ -253,12 +253,13 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
 fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
     let mut s = Session::open(cfg, opts, start)?;
     if s.done == 0 {
+        let m0 = s.model()?;
         let row0 = EpochRow {
             epoch: 0,
             step: 0,
             train: None,
-            test: Some(s.evaluate()?.0),
-            valid: s.evaluate_valid()?,
+            test: Some(s.evaluate(&m0)?),
+            valid: s.evaluate_valid(&m0)?,
             seconds: 0.0,
             every: cfg.train.eval_every,
         };
@@ -409,25 +410,27 @@ impl<'a> Session<'a> {
         })
     }
 
-    /// The test -ELBO of the current parameters, and the candle model that computed it.
-    fn evaluate(&self) -> Result<(Totals, Vae)> {
-        let m = self.engine.eval_model(self.cfg, self.dim, &self.dev)?;
-        let t = eval::evaluate(
-            &m,
+    /// A candle model of the current parameters, built once per evaluation point.
+    fn model(&self) -> Result<Vae> {
+        self.engine.eval_model(self.cfg, self.dim, &self.dev)
+    }
+
+    /// The test -ELBO of model `m`.
+    fn evaluate(&self, m: &Vae) -> Result<Totals> {
+        eval::evaluate(
+            m,
             &self.x_test,
             self.cfg.train.eval_batch_size,
             self.cfg.seed,
-        )?;
-        Ok((t, m))
+        )
     }
 
-    /// The validation -ELBO, with a validation split.
-    fn evaluate_valid(&self) -> Result<Option<Totals>> {
+    /// The validation -ELBO of model `m`, with a validation split.
+    fn evaluate_valid(&self, m: &Vae) -> Result<Option<Totals>> {
         let Some(x) = &self.x_valid else {
             return Ok(None);
         };
-        let m = self.engine.eval_model(self.cfg, self.dim, &self.dev)?;
-        let t = eval::evaluate(&m, x, self.cfg.train.eval_batch_size, self.cfg.seed)?;
+        let t = eval::evaluate(m, x, self.cfg.train.eval_batch_size, self.cfg.seed)?;
         Ok(Some(t))
     }
 
@@ -552,17 +555,18 @@ impl<'a> Session<'a> {
     fn end_epoch(&mut self, epoch: usize, train: Totals, seconds: f64) -> Result<bool> {
         let cfg = self.cfg;
         let every = cfg.train.eval_every;
-        let tested = if epoch.is_multiple_of(every) || epoch == cfg.train.epochs {
-            Some(self.evaluate()?)
+        let model = self.model()?;
+        let test = if epoch.is_multiple_of(every) || epoch == cfg.train.epochs {
+            Some(self.evaluate(&model)?)
         } else {
             None
         };
-        let valid = self.evaluate_valid()?;
+        let valid = self.evaluate_valid(&model)?;
         let row = EpochRow {
             epoch,
             step: self.engine.steps(),
             train: Some(train),
-            test: tested.as_ref().map(|t| t.0),
+            test,
             valid,
             seconds,
             every,
@@ -601,7 +605,7 @@ impl<'a> Session<'a> {
         )?;
         run::write_atomic(&self.run_dir.join(run::METRICS_FILE), self.csv.as_bytes())?;
         // The epoch's pictures with its test evaluation (skipped epochs draw none).
-        if let Some((_, model)) = tested {
+        if test.is_some() {
             let l = Loaded {
                 dir: self.run_dir.clone(),
                 cfg: cfg.clone(),

@@ -342,7 +342,10 @@ fn eval_every_skips_test_epochs() {
     let m = metrics(&run);
     let has_test: Vec<bool> = m.iter().map(|r| !r[5].is_empty()).collect();
     assert_eq!(has_test, vec![true, false, true, true], "{m:?}");
-    assert!(m[1][2].parse::<f64>().unwrap() > 0.0, "epoch 1 still logs its training -ELBO");
+    assert!(
+        m[1][2].parse::<f64>().unwrap() > 0.0,
+        "epoch 1 still logs its training -ELBO"
+    );
     let pics = run.join("pictures");
     assert!(!pics.join("sample-001.png").exists());
     assert!(pics.join("sample-002.png").is_file() && pics.join("sample-003.png").is_file());

@@ -438,13 +438,15 @@ impl Net {
 /// A checkpoint tensor's name, shape, and where its k-th element (row-major) lives in a buffer.
 type Placed = (String, Vec<usize>, Box<dyn Fn(usize) -> usize>);
 
-/// The flows' kept values, all steps end to end: u^ (K, n, Z), m (K, n), tanh and det (K, rows).
+/// The flows' kept values, all steps end to end: u^ (K, n, Z), m (K, n), tanh and det (K, rows);
+/// and the backward's two Z-wide sums.
 #[derive(Default)]
 struct FlowWork {
     uh: Vec<f32>,
     m: Vec<f32>,
     h: Vec<f32>,
     det: Vec<f32>,
+    sums: Vec<f32>,
     /// Capacities per step: parameter rows and sample rows.
     n_cap: usize,
     rows_cap: usize,
@@ -457,6 +459,7 @@ impl FlowWork {
             m: vec![0.0; flows * n_cap],
             h: vec![0.0; flows * rows_cap],
             det: vec![0.0; flows * rows_cap],
+            sums: vec![0.0; 2 * z],
             n_cap,
             rows_cap,
         }
@@ -469,6 +472,7 @@ impl FlowWork {
             m: &mut self.m[k * nc..k * nc + n],
             h: &mut self.h[k * rc..k * rc + rows],
             det: &mut self.det[k * rc..k * rc + rows],
+            sums: &mut self.sums,
         }
     }
 }
@@ -575,17 +579,6 @@ impl Work {
             g_lv2: vec![0.0; dim],
         }
     }
-
-    /// Bytes held, for the memory check before a run.
-    pub fn bytes(net: &Net, cap: usize, s: usize) -> u128 {
-        let cfg = &net.cfg;
-        let (z, dim, rows) = (cfg.latent as u128, net.dim as u128, (cap * s) as u128);
-        let h: u128 = cfg.hidden.iter().map(|&h| h as u128).sum();
-        let widest = cfg.hidden.iter().copied().max().unwrap_or(0).max(net.hc()) as u128;
-        let floats = cap as u128 * (dim + 2 * h + 2 * net.hc() as u128 + z)
-            + rows * (z * (cfg.flows as u128 + 2) + 2 * h + 2 * dim + 2 * widest + 4);
-        floats * 4
-    }
 }
 
 /// The fused trainer: parameters, gradients, Adam moments and work buffers.
@@ -667,16 +660,6 @@ impl Fused {
     /// Sets the learning rate of the following steps (a schedule's value).
     pub fn set_lr(&mut self, lr: f64) {
         self.lr = lr;
-    }
-
-    /// The batch capacity in images; `x_mut` and `eps_mut` hold `rows` images of it.
-    pub fn capacity(&self) -> usize {
-        self.work.cap
-    }
-
-    /// Samples of z per image.
-    pub fn samples(&self) -> usize {
-        self.work.s
     }
 
     /// The input images (rows, D) to fill before `step`.

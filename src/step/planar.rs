@@ -26,12 +26,13 @@ impl Params {
 }
 
 /// The step's per-row constants, kept from forward to backward: u^ (n, Z), m (n); per sample
-/// tanh(a) (rows) and det = 1 + (1 - tanh^2) m (rows).
+/// tanh(a) (rows) and det = 1 + (1 - tanh^2) m (rows); and the backward's scratch (2 Z).
 pub struct Cache<'a> {
     pub uh: &'a mut [f32],
     pub m: &'a mut [f32],
     pub h: &'a mut [f32],
     pub det: &'a mut [f32],
+    pub sums: &'a mut [f32],
 }
 
 /// Forward over `p.n * p.per` samples: z_out = f(z_in) (rows, Z), and lq[r] -= log|det| (so
@@ -96,8 +97,7 @@ pub fn planar_backward(
     gp: Params,
 ) {
     simd!({
-        let mut guh = vec![0f32; zd];
-        let mut gwa = vec![0f32; zd];
+        let (guh, gwa) = c.sums[..2 * zd].split_at_mut(zd);
         for i in 0..p.n {
             let o = p.at(i);
             let (u, w) = (&buf[o..o + zd], &buf[o + zd..o + 2 * zd]);
@@ -123,7 +123,7 @@ pub fn planar_backward(
             }
             let (wu, w2) = (dot(w, u), dot(w, w));
             let coef = (m - wu) / w2;
-            let gcoef = dot(&guh, w);
+            let gcoef = dot(guh, w);
             let gm_tot = gm + gcoef / w2;
             let gwu = gm_tot * softplus_and_sigmoid(wu).1 - gcoef / w2;
             let gw2 = -gcoef * coef / w2;
@@ -171,6 +171,7 @@ mod tests {
                 m: &mut m,
                 h: &mut h,
                 det: &mut det,
+                sums: &mut [],
             },
             &mut lq,
         );
