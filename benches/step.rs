@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     vae::device::init_cpu_threads();
     let cfg = Config::default();
     let dev = Device::Cpu;
-    let ds = data::load_dir(&cfg.data.dir, 0, 1)?;
+    let ds = data::load(&cfg.data, 0, 1)?;
     let (n, dim, bs, z) = (
         ds.train.n,
         ds.train.dim(),

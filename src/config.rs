@@ -60,12 +60,22 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
+    /// MNIST-format IDX files, a folder of images, or a `.npy` / `.npz` file (`data::open`).
+    #[serde(alias = "path")]
     pub dir: String,
     pub binarize: Binarize,
     pub limit: usize,
     pub test_limit: usize,
     /// Hold out the last N training images for validation (0 = none).
     pub valid: usize,
+    /// 1 (grey) or 3 (RGB); absent: as the data is (grey when every image is).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+    /// Resize every image to [height, width]; absent: all images must have one size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resize: Option<[usize; 2]>,
+    /// With no train/test split in the data, the share drawn (by a fixed seed) for the test set.
+    pub test_fraction: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +253,9 @@ impl Default for DataConfig {
             limit: 0,
             test_limit: 0,
             valid: 0,
+            channels: None,
+            resize: None,
+            test_fraction: 0.1,
         }
     }
 }
@@ -444,6 +457,20 @@ impl Config {
         }
         if self.data.dir.trim().is_empty() {
             bail!("key `data.dir` must not be empty");
+        }
+        if let Some(c) = self.data.channels {
+            if c != 1 && c != 3 {
+                bail!("key `data.channels` must be 1 (grey) or 3 (RGB), got {c}");
+            }
+        }
+        if let Some([h, w]) = self.data.resize {
+            if h == 0 || w == 0 || h > 4096 || w > 4096 {
+                bail!("key `data.resize` must be [height, width], each 1 to 4096, got [{h}, {w}]");
+            }
+        }
+        let f = self.data.test_fraction;
+        if !(f.is_finite() && f > 0.0 && f < 1.0) {
+            bail!("key `data.test_fraction` must lie strictly between 0 and 1, got {f}");
         }
         if self.model.hidden.is_empty() {
             bail!("key `model.hidden` must list at least one width, e.g. [400]");

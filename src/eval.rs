@@ -170,9 +170,29 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Pixels per image.
+    /// The test split of the run's data (its first `limit` images, 0 = all), checked against
+    /// the image size the model was trained on.
+    pub fn test_split(&self, limit: usize) -> Result<Split> {
+        let test = data::load_test(&self.cfg.data, self.state.channels, limit)?;
+        if test.dim() != self.dim() {
+            bail!(
+                "key `data.dir`: {} holds {} images, the model was trained on {}",
+                self.cfg.data.dir,
+                test.describe_size(),
+                data::describe_size(self.state.rows, self.state.cols, self.state.channels)
+            );
+        }
+        Ok(test)
+    }
+
+    /// One image's (rows, cols, channels).
+    pub fn cell(&self) -> (usize, usize, usize) {
+        (self.state.rows, self.state.cols, self.state.channels)
+    }
+
+    /// Bytes (pixels times channels) per image.
     pub fn dim(&self) -> usize {
-        self.state.rows * self.state.cols
+        self.state.rows * self.state.cols * self.state.channels
     }
 }
 
@@ -186,7 +206,7 @@ pub fn open(run_arg: Option<&str>, device: Option<&str>) -> Result<Loaded> {
     let params = run::load_tensors(&path, &dev)?;
     let state = run::load_state(&dir)?;
     run::check_model_unchanged(&dir, &state, &cfg)?;
-    let dim = state.rows * state.cols;
+    let dim = state.rows * state.cols * state.channels;
     model::check_params(&params, &cfg.model, dim, &path.display().to_string())?;
     let vb = VarBuilder::from_tensors(params, DType::F32, &dev);
     let model = Vae::new(&cfg.model, dim, vb)
@@ -216,17 +236,7 @@ pub fn run_eval(
     if iw > 1_000_000 {
         bail!("--iw {iw}: at most 1000000 samples per image");
     }
-    let test = data::load_test(&l.cfg.data.dir, limit)?;
-    if test.dim() != l.dim() {
-        bail!(
-            "key `data.dir`: {} holds {}x{} images, the model was trained on {}x{}",
-            l.cfg.data.dir,
-            test.rows,
-            test.cols,
-            l.state.rows,
-            l.state.cols
-        );
-    }
+    let test = l.test_split(limit)?;
     let x = test_tensor(&l.cfg, &test, &l.dev)?;
     let t = evaluate(&l.model, &x, l.cfg.train.eval_batch_size, l.cfg.seed)?;
     let (run_dir, state) = (&l.dir, Some(&l.state));

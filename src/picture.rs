@@ -76,40 +76,67 @@ pub fn square_cols(n: usize) -> usize {
     c.max(1)
 }
 
-/// A grey grid: `images` holds `n` cells of `h * w` pixel means in [0, 1], row-major; cells are
-/// laid out `cols` to a row, each scaled `scale` times (nearest neighbour), with 1-pixel
-/// separators (`scale` pixels wide) between cells and around the edge; NaN pixels (blank cells)
-/// take the separator's grey. Returns (pixels, width, height).
+/// An 8-bit picture, grey (1 channel) or RGB (3), row-major with interleaved channels.
+pub struct Picture {
+    pub px: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+    pub channels: usize,
+}
+
+impl Picture {
+    pub fn png(&self) -> Result<Vec<u8>> {
+        if self.channels == 3 {
+            png_rgb(&self.px, self.width, self.height)
+        } else {
+            png_gray(&self.px, self.width, self.height)
+        }
+    }
+}
+
+/// A grid of images.
+/// - `images` holds `n` cells, each `h * w * c` pixel means in [0, 1], row-major with interleaved
+///   channels (`cell` = (h, w, c), c = 1 grey or 3 RGB).
+/// - Cells are laid out `cols` to a row, each scaled `scale` times (nearest neighbour).
+/// - Separators 1 pixel wide (`scale` pixels when scaled) run between cells and around the edge.
+/// - NaN pixels (blank cells) take the separator's grey.
 pub fn grid(
     images: &[f32],
     n: usize,
-    h: usize,
-    w: usize,
+    cell: (usize, usize, usize),
     cols: usize,
     scale: usize,
-) -> (Vec<u8>, u32, u32) {
+) -> Picture {
+    let (h, w, c) = cell;
     let cols = cols.clamp(1, n.max(1));
     let rows = n.div_ceil(cols).max(1);
     let s = scale.max(1);
     let (ch, cw) = (h * s, w * s);
     let width = cols * cw + (cols + 1) * s;
     let height = rows * ch + (rows + 1) * s;
-    let mut px = vec![SEPARATOR; width * height];
+    let mut px = vec![SEPARATOR; width * height * c];
     for k in 0..n {
-        let (r, c) = (k / cols, k % cols);
-        let (y0, x0) = (s + r * (ch + s), s + c * (cw + s));
-        let img = &images[k * h * w..(k + 1) * h * w];
+        let (r, col) = (k / cols, k % cols);
+        let (y0, x0) = (s + r * (ch + s), s + col * (cw + s));
+        let img = &images[k * h * w * c..(k + 1) * h * w * c];
         for y in 0..ch {
-            let row = &mut px[(y0 + y) * width + x0..(y0 + y) * width + x0 + cw];
-            for (x, p) in row.iter_mut().enumerate() {
-                let v = img[(y / s) * w + x / s];
+            let start = ((y0 + y) * width + x0) * c;
+            let row = &mut px[start..start + cw * c];
+            for (i, p) in row.iter_mut().enumerate() {
+                let (x, ch_) = (i / c, i % c);
+                let v = img[((y / s) * w + x / s) * c + ch_];
                 if !v.is_nan() {
                     *p = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
                 }
             }
         }
     }
-    (px, width as u32, height as u32)
+    Picture {
+        px,
+        width: width as u32,
+        height: height as u32,
+        channels: c,
+    }
 }
 
 /// The pictures are small, so the best compression costs milliseconds and saves half the bytes.
@@ -230,20 +257,35 @@ mod tests {
         );
         // 3 cells of 2x2 in 2 columns, scale 1: width 2*2 + 3 = 7, height 2*2 + 3 = 7.
         let imgs = vec![1.0f32; 12];
-        let (px, w, h) = grid(&imgs, 3, 2, 2, 2, 1);
-        assert_eq!((w, h, px.len()), (7, 7, 49));
+        let g = grid(&imgs, 3, (2, 2, 1), 2, 1);
+        let px = &g.px;
+        assert_eq!((g.width, g.height, px.len()), (7, 7, 49));
         assert_eq!(px[0], SEPARATOR);
         assert_eq!(px[7 + 1], 255); // first pixel of the first cell at (1, 1)
         assert_eq!(px[4 * 7 + 4], SEPARATOR); // the empty fourth cell
-                                              // Scale 2 doubles cells and separators: 2*4 + 3*2 = 14.
-        let (_, w2, h2) = grid(&imgs, 3, 2, 2, 2, 2);
-        assert_eq!((w2, h2), (14, 14));
+
+        // Scale 2 doubles cells and separators: 2*4 + 3*2 = 14.
+        let g2 = grid(&imgs, 3, (2, 2, 1), 2, 2);
+        assert_eq!((g2.width, g2.height), (14, 14));
+        // RGB: one 1x2 cell of (red, blue) pixels; 3 bytes per pixel, 4x3 picture.
+        let rgb = grid(&[1.0, 0.0, 0.0, 0.0, 0.0, 1.0], 1, (1, 2, 3), 1, 1);
+        assert_eq!((rgb.width, rgb.height, rgb.px.len()), (4, 3, 36));
+        let at = |x: usize, y: usize| &rgb.px[(y * 4 + x) * 3..(y * 4 + x) * 3 + 3];
+        assert_eq!(
+            (at(1, 1), at(2, 1), at(0, 0)),
+            (&[255, 0, 0][..], &[0, 0, 255][..], &[SEPARATOR; 3][..])
+        );
+        let img = image::load_from_memory(&rgb.png().unwrap())
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(img.get_pixel(2, 1).0, [0, 0, 255]);
     }
 
     #[test]
     fn png_decodes_to_its_size() {
-        let (px, w, h) = grid(&vec![0.5f32; 64 * 4], 64, 2, 2, 8, 1);
-        let bytes = png_gray(&px, w, h).unwrap();
+        let bytes = grid(&vec![0.5f32; 64 * 4], 64, (2, 2, 1), 8, 1)
+            .png()
+            .unwrap();
         let img = image::load_from_memory(&bytes).unwrap();
         assert_eq!((img.width(), img.height()), (8 * 2 + 9, 8 * 2 + 9));
     }

@@ -5,7 +5,7 @@
 
 use crate::eval::{self, Loaded};
 use crate::picture::{self, Output};
-use crate::{data, plot};
+use crate::plot;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
@@ -66,9 +66,9 @@ fn write_grid(
     cols: usize,
     scale: usize,
 ) -> Result<(u32, u32)> {
-    let (px, w, h) = picture::grid(cells, n, l.state.rows, l.state.cols, cols, scale);
-    out.write(&picture::png_gray(&px, w, h)?)?;
-    Ok((w, h))
+    let g = picture::grid(cells, n, l.cell(), cols, scale);
+    out.write(&g.png()?)?;
+    Ok((g.width, g.height))
 }
 
 fn said(out: &Output, what: &str, wh: (u32, u32)) {
@@ -208,7 +208,7 @@ pub fn manifold(
             }
             None => {
                 c.output.check()?;
-                let test = data::load_test(&l.cfg.data.dir, 0)?;
+                let test = l.test_split(0)?;
                 let x = test.pixels_f32();
                 let kl = kl_per_dim(l, &x)?;
                 let ((a, ka), (b, kb)) = (kl[0], kl[1]);
@@ -311,7 +311,7 @@ pub fn reconstruct(l: &Loaded, idx: &[usize], cols: usize, c: &Common) -> Result
         bail!("give 1 to {} images", MAX_CELLS / 2);
     }
     check_scale(c.scale)?;
-    let test = data::load_test(&l.cfg.data.dir, 0)?;
+    let test = l.test_split(0)?;
     check_indices(idx, test.n)?;
     c.output.check()?;
     let px = eval::test_pixels(&l.cfg, &test);
@@ -353,15 +353,7 @@ pub fn reconstruction_png(
         cells[top..top + d].copy_from_slice(&x[k * d..(k + 1) * d]);
         cells[bottom..bottom + d].copy_from_slice(&rec[k * d..(k + 1) * d]);
     }
-    let (g, w, h) = picture::grid(
-        &cells,
-        2 * rows * cols,
-        l.state.rows,
-        l.state.cols,
-        cols,
-        scale,
-    );
-    picture::png_gray(&g, w, h)
+    picture::grid(&cells, 2 * rows * cols, l.cell(), cols, scale).png()
 }
 
 /// `vae interpolate`: the decoded straight line between the posterior means of two test images
@@ -378,7 +370,7 @@ pub fn interpolate(
         bail!("--steps {steps}: use 2 to 100");
     }
     check_scale(c.scale)?;
-    let test = data::load_test(&l.cfg.data.dir, 0)?;
+    let test = l.test_split(0)?;
     check_indices(&[from, to], test.n)?;
     c.output.check()?;
     let px = eval::test_pixels(&l.cfg, &test);
@@ -490,7 +482,7 @@ pub fn scatter(l: &Loaded, limit: usize, c: &Common) -> Result<()> {
     if zd < 2 {
         bail!("the run's latent space is 1-D; the scatter needs at least 2 dimensions");
     }
-    let test = data::load_test(&l.cfg.data.dir, limit)?;
+    let test = l.test_split(limit)?;
     c.output.check()?;
     let px = eval::test_pixels(&l.cfg, &test);
     let mu = encode_means(l, &px)?;
@@ -524,7 +516,13 @@ pub fn scatter(l: &Loaded, limit: usize, c: &Common) -> Result<()> {
             ),
         )
     };
-    let png = plot::scatter(&xy, &test.labels, &title, (&axes.0, &axes.1))?;
+    let png = plot::scatter(
+        &xy,
+        &test.labels,
+        &l.state.classes,
+        &title,
+        (&axes.0, &axes.1),
+    )?;
     c.output.write(&png)?;
     if let Output::File(p) = &c.output {
         eprintln!("wrote {} ({title})", p.display());
@@ -549,18 +547,8 @@ pub fn epoch_pictures(
     // The fixed standard-normal draws through the run's prior (component i mod K for image i).
     let z = prior_z(l, z, &(0..n).collect::<Vec<_>>())?;
     let px = decode_means(l, &z)?;
-    let (g, w, h) = picture::grid(
-        &px,
-        n,
-        l.state.rows,
-        l.state.cols,
-        picture::square_cols(n),
-        1,
-    );
-    crate::run::write_atomic(
-        &dir.join(format!("sample-{epoch:03}.png")),
-        &picture::png_gray(&g, w, h)?,
-    )?;
+    let g = picture::grid(&px, n, l.cell(), picture::square_cols(n), 1);
+    crate::run::write_atomic(&dir.join(format!("sample-{epoch:03}.png")), &g.png()?)?;
     let k = (test_px.len() / l.dim()).min(8);
     let idx: Vec<usize> = (0..k).collect();
     let png = reconstruction_png(l, test_px, &idx, 8, 1)?;

@@ -137,10 +137,16 @@ const TAB10: [(u8, u8, u8); 10] = [
     (23, 190, 207),
 ];
 
-/// One dot per image at `xy`, coloured by `labels` (0-9), with a legend; PNG bytes.
+/// The most classes the scatter's legend lists; more would run off the picture.
+const LEGEND_MAX: usize = 20;
+
+/// One dot per image at `xy`, coloured by `labels` (the tab10 colours, repeating after ten), with
+/// a legend naming each class by `names[label]` (or the label's value when `names` is empty).
+/// Without labels every dot takes the first colour and there is no legend. PNG bytes.
 pub fn scatter(
     xy: &[(f32, f32)],
     labels: &[u8],
+    names: &[String],
     title: &str,
     axes: (&str, &str),
 ) -> Result<Vec<u8>> {
@@ -179,38 +185,50 @@ pub fn scatter(
             .light_line_style(RGBColor(238, 238, 238))
             .draw()
             .map_err(err)?;
-        for d in 0..10u8 {
-            let (r, g, b) = TAB10[d as usize];
+        let unlabelled = labels.len() != xy.len();
+        let groups = if unlabelled {
+            1
+        } else {
+            labels.iter().map(|&l| l as usize + 1).max().unwrap_or(1)
+        };
+        for d in 0..groups {
+            let (r, g, b) = TAB10[d % TAB10.len()];
             let c = RGBColor(r, g, b);
             let pts: Vec<(f64, f64)> = xy
                 .iter()
-                .zip(labels)
-                .filter(|(p, l)| {
-                    **l == d
+                .enumerate()
+                .filter(|(i, p)| {
+                    (unlabelled || labels[*i] as usize == d)
                         && (p.0 as f64) >= x0
                         && (p.0 as f64) <= x1
                         && (p.1 as f64) >= y0
                         && (p.1 as f64) <= y1
                 })
-                .map(|(p, _)| (p.0 as f64, p.1 as f64))
+                .map(|(_, p)| (p.0 as f64, p.1 as f64))
                 .collect();
-            chart
+            let series = chart
                 .draw_series(
                     pts.into_iter()
                         .map(|p| Circle::new(p, 2, c.mix(0.6).filled())),
                 )
-                .map_err(err)?
-                .label(d.to_string())
-                .legend(move |(x, y)| Circle::new((x + 6, y), 5, c.filled()));
+                .map_err(err)?;
+            if !unlabelled && d < LEGEND_MAX {
+                let name = names.get(d).cloned().unwrap_or_else(|| d.to_string());
+                series
+                    .label(name)
+                    .legend(move |(x, y)| Circle::new((x + 6, y), 5, c.filled()));
+            }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        if !unlabelled {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .label_font(("sans-serif", 15))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+        }
         root.present().map_err(err)?;
     }
     crate::picture::png_rgb(&buf, w, h)
@@ -288,7 +306,7 @@ mod tests {
             .map(|i| (i as f32 * 0.1, (i % 10) as f32))
             .collect();
         let labels: Vec<u8> = (0..100).map(|i| (i % 10) as u8).collect();
-        let png = scatter(&xy, &labels, "t", ("x", "y")).unwrap();
+        let png = scatter(&xy, &labels, &[], "t", ("x", "y")).unwrap();
         assert_eq!(image::load_from_memory(&png).unwrap().width(), 900);
     }
 }

@@ -30,9 +30,15 @@ pub struct State {
     pub epoch: usize,
     /// Optimizer steps taken.
     pub step: u64,
-    /// Image size the model was trained on (input dimension = rows * cols).
+    /// Image size the model was trained on (input dimension = rows * cols * channels).
     pub rows: usize,
     pub cols: usize,
+    /// 1 (grey) or 3 (RGB); absent in runs from before colour: 1.
+    #[serde(default = "one")]
+    pub channels: usize,
+    /// The data's class names, for the scatter's legend (empty: the label values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
     /// A run stopped inside an epoch: batches of epoch `epoch + 1` already done, and that
     /// epoch's partial sums, so a resume continues exactly there.
     #[serde(default)]
@@ -43,6 +49,10 @@ pub struct State {
     /// With a validation split: the best epoch so far and the early-stopping count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid: Option<Best>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The best validation -ELBO so far, its epoch, and epochs since (counted after warm-up).

@@ -214,7 +214,7 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
     model::check_params(
         &params,
         &cfg.model,
-        state.rows * state.cols,
+        state.rows * state.cols * state.channels,
         &model_path.display().to_string(),
     )?;
     let moments = run::load_tensors(&run_dir.join(run::OPTIM_FILE), &Device::Cpu)?;
@@ -310,7 +310,7 @@ impl<'a> Session<'a> {
     /// run directory and prints the header.
     fn open(cfg: &'a Config, opts: &Options, start: Start) -> Result<Self> {
         let dev = device::open(&cfg.device).context("key `device` / --device")?;
-        let mut ds = data::load_dir(&cfg.data.dir, cfg.data.limit, cfg.data.test_limit)?;
+        let mut ds = data::load(&cfg.data, cfg.data.limit, cfg.data.test_limit)?;
         let dim = ds.train.dim();
         check_memory(cfg, dim)?;
         let x_valid = if cfg.data.valid > 0 {
@@ -379,15 +379,14 @@ impl<'a> Session<'a> {
             println!("#");
         }
         println!(
-            "run {}  device {}  engine {}  data {} ({} train, {} test images of {}x{})",
+            "run {}  device {}  engine {}  data {} ({} train, {} test images of {})",
             run_dir.display(),
             device::describe(&dev),
             engine.name(),
             ds.dir.display(),
             ds.train.n,
             ds.test.n,
-            ds.train.rows,
-            ds.train.cols
+            ds.train.describe_size()
         );
         let test_px = eval::test_pixels(cfg, &ds.test);
         Ok(Session {
@@ -716,6 +715,8 @@ fn checkpoint(
         step: engine.steps(),
         rows: ds.train.rows,
         cols: ds.train.cols,
+        channels: ds.train.channels,
+        classes: ds.train.classes.clone(),
         partial,
         model: Some(cfg.model.clone()),
         valid: best,
@@ -805,7 +806,7 @@ fn check_memory(cfg: &Config, dim: usize) -> Result<()> {
 }
 
 /// MemAvailable from /proc/meminfo, in bytes (Linux); None elsewhere.
-fn available_bytes() -> Option<u64> {
+pub(crate) fn available_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -4,77 +4,42 @@
 //!
 //! Any directory holding the four usual files reads unchanged: MNIST, Fashion-MNIST, KMNIST.
 
+use super::{Dataset, Split};
 use anyhow::{bail, Context, Result};
-use rand::Rng;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC_IMAGES: u32 = 2051;
 pub const MAGIC_LABELS: u32 = 2049;
 
-/// One split: `n` images of `rows*cols` bytes each, row-major, and their labels.
-#[derive(Debug, Clone)]
-pub struct Split {
-    pub images: Vec<u8>,
-    pub labels: Vec<u8>,
-    pub n: usize,
-    pub rows: usize,
-    pub cols: usize,
+/// Whether `dir` holds MNIST-format files (its training images, under any of their names).
+pub fn is_idx_dir(dir: &Path) -> bool {
+    locate(dir, "train-images-idx3-ubyte").is_ok()
 }
 
-impl Split {
-    pub fn dim(&self) -> usize {
-        self.rows * self.cols
+/// Both splits of `dir`; only the test split (the training split empty) when `test_only`.
+pub fn load(dir: &Path, test_only: bool) -> Result<Dataset> {
+    let test = load_split(dir, "t10k")?;
+    let train = if test_only {
+        Split::empty_like(&test)
+    } else {
+        load_split(dir, "train")?
+    };
+    if (train.rows, train.cols) != (test.rows, test.cols) {
+        bail!(
+            "{}: train images are {}x{} but test images {}x{}",
+            dir.display(),
+            train.rows,
+            train.cols,
+            test.rows,
+            test.cols
+        );
     }
-
-    /// The last `n` images as a split of their own, removed from this one.
-    pub fn split_off_last(&mut self, n: usize) -> Split {
-        let keep = self.n - n.min(self.n);
-        let d = self.dim();
-        let images = self.images.split_off(keep * d);
-        let labels = self.labels.split_off(keep.min(self.labels.len()));
-        let taken = self.n - keep;
-        self.n = keep;
-        Split {
-            images,
-            labels,
-            n: taken,
-            rows: self.rows,
-            cols: self.cols,
-        }
-    }
-
-    fn truncate(&mut self, limit: usize) {
-        if limit > 0 && limit < self.n {
-            self.n = limit;
-            self.images.truncate(limit * self.dim());
-            self.labels.truncate(limit);
-        }
-    }
-
-    /// Pixels scaled to [0, 1]; shape (n, rows*cols) flattened.
-    pub fn pixels_f32(&self) -> Vec<f32> {
-        to_pixels(&self.images)
-    }
-}
-
-/// A byte's pixel value in [0, 1]: every conversion of bytes to pixels goes through this, so the
-/// training batches, the uploaded training set and the test set hold the same floats.
-#[inline]
-pub fn pixel(b: u8) -> f32 {
-    b as f32 / 255.0
-}
-
-/// `pixel` of each byte.
-pub fn to_pixels(bytes: &[u8]) -> Vec<f32> {
-    bytes.iter().map(|&b| pixel(b)).collect()
-}
-
-#[derive(Debug, Clone)]
-pub struct Dataset {
-    pub dir: PathBuf,
-    pub train: Split,
-    pub test: Split,
+    Ok(Dataset {
+        dir: dir.to_path_buf(),
+        train,
+        test,
+    })
 }
 
 /// Parses one IDX file's bytes, checking the magic, the dimensions and the length.
@@ -206,80 +171,23 @@ fn load_split(dir: &Path, prefix: &str) -> Result<Split> {
         n: idims[0],
         rows: idims[1],
         cols: idims[2],
+        channels: 1,
+        classes: Vec::new(),
     })
-}
-
-/// Where `data.dir` points: as given, else (for a relative path) beside the crate's sources,
-/// so a fresh clone's binary finds its shipped `data/mnist` from any working directory.
-pub fn resolve_dir(dir: &str) -> Result<PathBuf> {
-    let p = PathBuf::from(dir);
-    if p.is_dir() {
-        return Ok(p);
-    }
-    if p.is_relative() {
-        let q = Path::new(env!("CARGO_MANIFEST_DIR")).join(&p);
-        if q.is_dir() {
-            return Ok(q);
-        }
-    }
-    if p.exists() {
-        bail!("key `data.dir`: {dir} is not a directory");
-    }
-    bail!("key `data.dir`: no directory {dir}; point it at MNIST-format IDX files (--set data.dir=PATH)")
-}
-
-/// Loads both splits of `dir`, keeping the first `limit` / `test_limit` items (0 = all).
-pub fn load_dir(dir: &str, limit: usize, test_limit: usize) -> Result<Dataset> {
-    let d = resolve_dir(dir)?;
-    let mut train = load_split(&d, "train")?;
-    let mut test = load_split(&d, "t10k")?;
-    if (train.rows, train.cols) != (test.rows, test.cols) {
-        bail!(
-            "{}: train images are {}x{} but test images {}x{}",
-            d.display(),
-            train.rows,
-            train.cols,
-            test.rows,
-            test.cols
-        );
-    }
-    train.truncate(limit);
-    test.truncate(test_limit);
-    Ok(Dataset {
-        dir: d,
-        train,
-        test,
-    })
-}
-
-/// Loads only the test split (for evaluation and pictures), keeping the first `test_limit` (0 = all).
-pub fn load_test(dir: &str, test_limit: usize) -> Result<Split> {
-    let d = resolve_dir(dir)?;
-    let mut test = load_split(&d, "t10k")?;
-    test.truncate(test_limit);
-    Ok(test)
-}
-
-/// `binarize_in_place` on bytes: p = b / 255, and the drawn pixel is 255 or 0. The same draws
-/// from `rng` and the same outcomes as on `pixels_f32`.
-pub fn binarize_bytes_in_place(bytes: &mut [u8], rng: &mut impl Rng) {
-    for b in bytes.iter_mut() {
-        let u: f32 = rng.random();
-        *b = if u < pixel(*b) { 255 } else { 0 };
-    }
-}
-
-/// Draws each pixel from Bernoulli(p) in place: 1 if u < p.
-pub fn binarize_in_place(pixels: &mut [f32], rng: &mut impl Rng) {
-    for p in pixels.iter_mut() {
-        let u: f32 = rng.random();
-        *p = if u < *p { 1.0 } else { 0.0 };
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DataConfig;
+
+    fn load_dir(dir: &str, limit: usize, test_limit: usize) -> Result<Dataset> {
+        let cfg = DataConfig {
+            dir: dir.into(),
+            ..Default::default()
+        };
+        crate::data::load(&cfg, limit, test_limit)
+    }
 
     fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
         let mut v = magic.to_be_bytes().to_vec();
@@ -372,34 +280,5 @@ mod tests {
         w("t10k-labels-idx1-ubyte", idx(2049, &[1], &[1]));
         let d = load_dir(t.path().to_str().unwrap(), 0, 0).unwrap();
         assert_eq!(d.train.pixels_f32(), vec![0.0, 1.0]);
-    }
-
-    #[test]
-    fn byte_binarization_draws_as_the_f32_one() {
-        use rand::{rngs::StdRng, SeedableRng};
-        // Every byte value a few times; the two paths must consume the same draws and agree.
-        let bytes: Vec<u8> = (0..2048).map(|i| (i % 256) as u8).collect();
-        let split = Split {
-            images: bytes.clone(),
-            labels: vec![],
-            n: 1,
-            rows: 1,
-            cols: bytes.len(),
-        };
-        let mut f = split.pixels_f32();
-        binarize_in_place(&mut f, &mut StdRng::seed_from_u64(7));
-        let mut b = bytes;
-        binarize_bytes_in_place(&mut b, &mut StdRng::seed_from_u64(7));
-        let back: Vec<f32> = b.iter().map(|&v| v as f32 / 255.0).collect();
-        assert_eq!(back, f);
-        // 0 never turns on, 255 always does.
-        assert!(b.iter().step_by(256).all(|&v| v == 0));
-        assert!(b.iter().skip(255).step_by(256).all(|&v| v == 255));
-    }
-
-    #[test]
-    fn missing_dir_names_the_key() {
-        let e = format!("{:#}", load_dir("/nonexistent/mnist", 0, 0).unwrap_err());
-        assert!(e.contains("data.dir"), "{e}");
     }
 }
