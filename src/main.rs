@@ -130,7 +130,7 @@ enum Cmd {
         #[command(flatten)]
         pic: PicArgs,
     },
-    /// The test set's latent means, one dot per image coloured by digit (PCA beyond 2-D).
+    /// The test set's latent means, one dot per image coloured by class (PCA beyond 2-D).
     Scatter {
         /// Use the first N test images only (0 = all).
         #[arg(long, default_value_t = 0)]

@@ -475,7 +475,7 @@ fn pca2(v: &[f32], k: usize) -> ([Vec<f64>; 2], [f64; 2]) {
     (axes, frac)
 }
 
-/// `vae scatter`: the test set's posterior means, one dot per image coloured by digit; 2-D
+/// `vae scatter`: the test set's posterior means, one dot per image coloured by class; 2-D
 /// latents as they are, more dimensions projected onto their first two principal components.
 pub fn scatter(l: &Loaded, limit: usize, c: &Common) -> Result<()> {
     let zd = l.model.cfg.latent;

@@ -3,6 +3,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = vae::data::parse_bytes(data, vae::data::MAGIC_IMAGES, "fuzz");
-    let _ = vae::data::parse_bytes(data, vae::data::MAGIC_LABELS, "fuzz");
+    let _ = vae::data::idx::parse_bytes(data, vae::data::idx::MAGIC_IMAGES, "fuzz");
+    let _ = vae::data::idx::parse_bytes(data, vae::data::idx::MAGIC_LABELS, "fuzz");
 });

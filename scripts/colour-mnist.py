@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Colour MNIST as a NumPy archive, with nothing but the standard library.
+
+Usage: python3 scripts/colour-mnist.py [MNIST_DIR] [OUT.npz]
+       (defaults: data/mnist and data/colour-mnist.npz)
+
+Each digit of the shipped MNIST is painted in one of 12 hues, drawn at random with a fixed
+seed and independent of the digit, on black. The result is the layout Keras' mnist.npz uses:
+x_train (60000, 28, 28, 3) uint8, y_train (60000,) uint8, x_test, y_test. It is the worked
+example of "Your own data" in the README: a VAE has to put the colour in its latent code too.
+"""
+
+import colorsys
+import gzip
+import io
+import random
+import struct
+import sys
+import zipfile
+
+HUES = 12
+
+
+def idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic, n = struct.unpack(">II", data[:8])
+    if magic == 2051:
+        rows, cols = struct.unpack(">II", data[8:16])
+        return n, data[16:], rows * cols
+    return n, data[8:], 1
+
+
+def npy(descr, shape, payload):
+    """A version-1.0 .npy: magic, header length, the header dict padded to 64 bytes, data."""
+    dims = ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "")
+    header = "{'descr': '%s', 'fortran_order': False, 'shape': (%s), }" % (descr, dims)
+    header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + payload
+
+
+def paint(images, n, size, rng):
+    # One translation table per hue and channel: grey level v -> v * channel / 255.
+    tables = []
+    for h in range(HUES):
+        rgb = colorsys.hsv_to_rgb(h / HUES, 0.85, 1.0)
+        tables.append([bytes(round(v * c) for v in range(256)) for c in rgb])
+    out = bytearray(n * size * 3)
+    for i in range(n):
+        img = images[i * size:(i + 1) * size]
+        t = tables[rng.randrange(HUES)]
+        o = i * size * 3
+        for c in range(3):
+            out[o + c:o + size * 3:3] = img.translate(t[c])
+    return bytes(out)
+
+
+def main():
+    src = sys.argv[1] if len(sys.argv) > 1 else "data/mnist"
+    dst = sys.argv[2] if len(sys.argv) > 2 else "data/colour-mnist.npz"
+    rng = random.Random(1)
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as z:
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            n, images, size = idx(f"{src}/{prefix}-images-idx3-ubyte.gz")
+            _, labels, _ = idx(f"{src}/{prefix}-labels-idx1-ubyte.gz")
+            z.writestr(f"x_{split}.npy", npy("|u1", (n, 28, 28, 3), paint(images, n, size, rng)))
+            z.writestr(f"y_{split}.npy", npy("|u1", (n,), labels))
+            print(f"{split}: {n} images", file=sys.stderr)
+    print(f"wrote {dst}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
