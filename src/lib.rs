@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod engine;
 pub mod eval;
+pub mod explore;
 pub mod interrupt;
 pub mod loss;
 pub mod model;

@@ -130,6 +130,22 @@ enum Cmd {
         #[command(flatten)]
         pic: PicArgs,
     },
+    /// One self-contained HTML page to move through the latent space live in a browser.
+    Explore {
+        /// Put the first N test images' codes in the scatter (0 = all).
+        #[arg(long, default_value_t = 5000)]
+        limit: usize,
+        /// Weights in the page: f16 (half the size, pixels within 1/255) or f32 (exact).
+        #[arg(long, value_enum, default_value_t = vae::explore::Precision::F16)]
+        precision: vae::explore::Precision,
+        /// Run directory (default: the one runs/latest names).
+        #[arg(long, value_name = "DIR")]
+        run: Option<String>,
+        /// Output HTML file; `-` for standard output. Without it: standard output when that is
+        /// not a terminal, else <run>/explore.html.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// The test set's latent means, one dot per image coloured by class (PCA beyond 2-D).
     Scatter {
         /// Use the first N test images only (0 = all).
@@ -289,6 +305,21 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Curves { pic } => {
             let (l, c) = picture_run(&pic, pictures::CURVES_FILE)?;
             pictures::curves(&l.dir, &c)?;
+        }
+        Cmd::Explore {
+            limit,
+            precision,
+            run,
+            output,
+        } => {
+            let pic = PicArgs {
+                run,
+                output,
+                scale: 1,
+                device: Some("cpu".into()),
+            };
+            let (l, c) = picture_run(&pic, "explore.html")?;
+            vae::explore::explore(&l, limit, precision, &c.output)?;
         }
         Cmd::Scatter { limit, pic } => {
             let (l, c) = picture_run(&pic, "scatter.png")?;

@@ -30,9 +30,16 @@ impl Output {
 
     /// Refuses binary output to a terminal before any work is done.
     pub fn check(&self) -> Result<()> {
+        self.check_for("a PNG")
+    }
+
+    /// `check` for output that is `what` (a PNG, an HTML page).
+    pub fn check_for(&self, what: &str) -> Result<()> {
         match self {
             Output::Stdout if std::io::stdout().is_terminal() => {
-                bail!("refusing to write a PNG to the terminal; redirect it (> grid.png) or use -o FILE")
+                bail!(
+                    "refusing to write {what} to the terminal; redirect it (> file) or use -o FILE"
+                )
             }
             Output::File(p) if p.as_os_str().is_empty() => {
                 bail!("-o: empty path; give a file name, or - for stdout")

@@ -427,52 +427,94 @@ pub fn interpolate(
     Ok(())
 }
 
-/// The top-2 principal axes of `v` (n, k): (axes as two k-vectors, fraction of variance each).
-fn pca2(v: &[f32], k: usize) -> ([Vec<f64>; 2], [f64; 2]) {
-    let n = v.len() / k;
+/// Principal components of `n` rows of `k` values: the mean, the axes (unit vectors, largest
+/// variance first) and each axis's share of the total variance. The covariance's eigenvectors come
+/// from cyclic Jacobi rotations (Golub & Van Loan, Matrix Computations, section 8.5). That is
+/// exact to rounding, and k (the latent size) is small.
+pub struct Pca {
+    pub mean: Vec<f64>,
+    pub axes: Vec<Vec<f64>>,
+    pub frac: Vec<f64>,
+}
+
+pub fn pca(v: &[f32], k: usize) -> Pca {
+    let n = (v.len() / k).max(1);
     let mut mean = vec![0f64; k];
     for r in v.chunks_exact(k) {
         for (m, x) in mean.iter_mut().zip(r) {
             *m += *x as f64 / n as f64;
         }
     }
-    let mut cov = vec![0f64; k * k];
+    // a: the covariance (k, k), row-major; e: the accumulated rotations, columns the eigenvectors.
+    let mut a = vec![0f64; k * k];
     for r in v.chunks_exact(k) {
         for i in 0..k {
-            let a = r[i] as f64 - mean[i];
+            let d = r[i] as f64 - mean[i];
             for j in 0..k {
-                cov[i * k + j] += a * (r[j] as f64 - mean[j]) / n as f64;
+                a[i * k + j] += d * (r[j] as f64 - mean[j]) / n as f64;
             }
         }
     }
-    let total: f64 = (0..k).map(|i| cov[i * k + i]).sum::<f64>().max(1e-300);
-    // Power iteration with deflation: enough for the two leading eigenvectors of a small matrix.
-    let mut axes = [vec![0f64; k], vec![0f64; k]];
-    let mut frac = [0f64; 2];
-    let mut c = cov.clone();
-    for (t, axis) in axes.iter_mut().enumerate() {
-        let mut x: Vec<f64> = (0..k).map(|i| 1.0 + (i as f64 + t as f64) * 0.01).collect();
-        let mut lambda = 0.0;
-        for _ in 0..500 {
-            let y: Vec<f64> = (0..k)
-                .map(|i| (0..k).map(|j| c[i * k + j] * x[j]).sum())
-                .collect();
-            let norm = y.iter().map(|v| v * v).sum::<f64>().sqrt();
-            if norm < 1e-300 {
-                break;
-            }
-            lambda = norm;
-            x = y.into_iter().map(|v| v / norm).collect();
-        }
-        for i in 0..k {
-            for j in 0..k {
-                c[i * k + j] -= lambda * x[i] * x[j];
-            }
-        }
-        frac[t] = lambda / total;
-        *axis = x;
+    let mut e = vec![0f64; k * k];
+    for i in 0..k {
+        e[i * k + i] = 1.0;
     }
-    (axes, frac)
+    for _sweep in 0..100 {
+        let off: f64 = (0..k)
+            .flat_map(|i| (0..k).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i * k + j] * a[i * k + j])
+            .sum();
+        let diag: f64 = (0..k).map(|i| a[i * k + i] * a[i * k + i]).sum();
+        if off <= 1e-30 * diag.max(1e-300) {
+            break;
+        }
+        for p in 0..k {
+            for q in p + 1..k {
+                let apq = a[p * k + q];
+                if apq.abs() < 1e-300 {
+                    continue;
+                }
+                // The rotation that zeroes a[p][q]: t = tan(theta), the smaller root.
+                let theta = (a[q * k + q] - a[p * k + p]) / (2.0 * apq);
+                let sign = if theta >= 0.0 { 1.0 } else { -1.0 };
+                let t = sign / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let c = 1.0 / (t * t + 1.0).sqrt();
+                let s = t * c;
+                for i in 0..k {
+                    let (aip, aiq) = (a[i * k + p], a[i * k + q]);
+                    a[i * k + p] = c * aip - s * aiq;
+                    a[i * k + q] = s * aip + c * aiq;
+                }
+                for j in 0..k {
+                    let (apj, aqj) = (a[p * k + j], a[q * k + j]);
+                    a[p * k + j] = c * apj - s * aqj;
+                    a[q * k + j] = s * apj + c * aqj;
+                }
+                for i in 0..k {
+                    let (eip, eiq) = (e[i * k + p], e[i * k + q]);
+                    e[i * k + p] = c * eip - s * eiq;
+                    e[i * k + q] = s * eip + c * eiq;
+                }
+            }
+        }
+    }
+    let total: f64 = (0..k)
+        .map(|i| a[i * k + i].max(0.0))
+        .sum::<f64>()
+        .max(1e-300);
+    let mut order: Vec<usize> = (0..k).collect();
+    order.sort_by(|&x, &y| a[y * k + y].total_cmp(&a[x * k + x]));
+    Pca {
+        mean,
+        axes: order
+            .iter()
+            .map(|&j| (0..k).map(|i| e[i * k + j]).collect())
+            .collect(),
+        frac: order
+            .iter()
+            .map(|&j| a[j * k + j].max(0.0) / total)
+            .collect(),
+    }
 }
 
 /// `vae scatter`: the test set's posterior means, one dot per image coloured by class; 2-D
@@ -498,7 +540,7 @@ pub fn scatter(l: &Loaded, limit: usize, c: &Common) -> Result<()> {
             ("z[0]".into(), "z[1]".into()),
         )
     } else {
-        let (ax, frac) = pca2(&mu, zd);
+        let Pca { axes: ax, frac, .. } = pca(&mu, zd);
         let proj =
             |r: &[f32], a: &[f64]| r.iter().zip(a).map(|(x, w)| *x as f64 * w).sum::<f64>() as f32;
         (
@@ -584,4 +626,34 @@ pub fn fixed_z(seed: u64, n: usize, latent: usize) -> Vec<f32> {
     (0..n * latent)
         .map(|_| StandardNormal.sample(&mut rng))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pca_finds_the_axes_of_known_data() {
+        // Points t * (1, 1, 0) / sqrt 2 + u * (0, 0, 1) + v * (1, -1, 0) / sqrt 2 with spreads
+        // 3 > 2 > 1 (t, u, v in {-s, s}): the axes in that order, variance shares 9:4:1 of 14.
+        let r = std::f32::consts::FRAC_1_SQRT_2;
+        let mut v = Vec::new();
+        for a in [-3.0f32, 3.0] {
+            for b in [-2.0f32, 2.0] {
+                for c in [-1.0f32, 1.0] {
+                    v.extend_from_slice(&[a * r + c * r + 5.0, a * r - c * r, b]);
+                }
+            }
+        }
+        let p = pca(&v, 3);
+        assert!((p.mean[0] - 5.0).abs() < 1e-9 && p.mean[1].abs() < 1e-9);
+        let want = [[r, r, 0.0], [0.0, 0.0, 1.0], [r, -r, 0.0]];
+        for (axis, w) in p.axes.iter().zip(want) {
+            let dot: f64 = axis.iter().zip(w).map(|(a, b)| a * b as f64).sum();
+            assert!((dot.abs() - 1.0).abs() < 1e-6, "{axis:?} vs {w:?}");
+        }
+        for (f, w) in p.frac.iter().zip([9.0, 4.0, 1.0]) {
+            assert!((f - w / 14.0).abs() < 1e-6, "{:?}", p.frac); // f32 inputs
+        }
+    }
 }

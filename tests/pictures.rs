@@ -261,3 +261,48 @@ fn pictures_on_a_terminal_go_to_the_run() {
     assert!(!o.status.success(), "wrote a PNG to a terminal");
     assert!(err.contains("terminal") && err.contains("-o"), "{err}");
 }
+
+#[test]
+fn explore_writes_one_self_contained_page() {
+    let t = tempfile::tempdir().unwrap();
+    trained(t.path());
+    // Piped: the page goes to stdout, like the pictures.
+    let html = String::from_utf8(ok_bytes(t.path(), &["explore", "--limit", "100"])).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    for needle in ["src=", "href=", "http://", "https://"] {
+        assert!(!html.contains(needle), "the page refers to {needle}");
+    }
+    let open = "<script id=\"vae-data\" type=\"application/json\">";
+    let start = html.find(open).unwrap() + open.len();
+    let end = start + html[start..].find("</script>").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&html[start..end]).unwrap();
+    assert_eq!(
+        (v["n"].as_u64(), v["latent"].as_u64()),
+        (Some(100), Some(8))
+    );
+    assert_eq!(v["labels"].as_array().unwrap().len(), 100);
+    // The tiny decoder: 8 -> 200 -> 784, float16 (2 bytes a weight, base64: 4 chars per 3 bytes).
+    let layers = v["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    assert_eq!(
+        layers[1]["w"].as_str().unwrap().len(),
+        (200 * 784 * 2usize).div_ceil(3) * 4
+    );
+    assert_eq!(
+        v["codes"].as_str().unwrap().len(),
+        (100 * 8 * 2usize).div_ceil(3) * 4
+    );
+    // -o FILE; the PCA axes are unit vectors.
+    ok(t.path(), &["explore", "-o", "e.html", "--precision", "f32"]);
+    let e = std::fs::read_to_string(t.path().join("e.html")).unwrap();
+    assert!(e.len() > html.len());
+    for axis in v["pca"]["axes"].as_array().unwrap() {
+        let n: f64 = axis
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap().powi(2))
+            .sum();
+        assert!((n - 1.0).abs() < 1e-6, "{n}");
+    }
+}

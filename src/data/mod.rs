@@ -172,14 +172,12 @@ fn read(cfg: &DataConfig, shape: Shape, test_only: bool) -> Result<Dataset> {
     let ds = if p.is_file() {
         array::load(&p, shape, test_only)?
     } else if idx::is_idx_dir(&p) {
+        let mut ds = idx::load(&p, test_only)?;
         if shape.channels == Some(3) || shape.resize.is_some() {
-            bail!(
-                "{}: MNIST-format files are read as they are; remove `data.channels` and \
-                 `data.resize`",
-                p.display()
-            );
+            ds.train = reshape(ds.train, shape)?;
+            ds.test = reshape(ds.test, shape)?;
         }
-        idx::load(&p, test_only)?
+        ds
     } else {
         folder::load(&p, shape, test_only)?
     };
@@ -211,6 +209,18 @@ pub fn load_test(cfg: &DataConfig, channels: usize, test_limit: usize) -> Result
     let mut test = read(cfg, shape, true)?.test;
     test.truncate(test_limit);
     Ok(test)
+}
+
+/// Grey images (MNIST-format files) resized or widened to RGB as `shape` asks.
+fn reshape(s: Split, shape: Shape) -> Result<Split> {
+    let mut b = Builder::new(shape);
+    b.reserve(s.n, s.rows, s.cols);
+    for (k, img) in s.images.chunks_exact(s.dim().max(1)).enumerate() {
+        let g = image::GrayImage::from_raw(s.cols as u32, s.rows as u32, img.to_vec())
+            .ok_or_else(|| anyhow::anyhow!("image {k}: wrong length"))?;
+        b.push(DynamicImage::ImageLuma8(g), &|| format!("image {k}"))?;
+    }
+    Ok(b.into_split(s.labels, s.classes))
 }
 
 /// The seeded train/test draw for data without a split of its own: the positions of `n` items

@@ -1,0 +1,200 @@
+//! `vae explore`: the latent space in a browser.
+//!
+//! The output is one self-contained HTML file. It needs no server, no network and no CDN, and
+//! works from a file opened offline. It holds:
+//! - the decoder's weights, float16 by default;
+//! - the posterior means of the test set (`Vae::code`: mu, carried through any flows);
+//! - the codes' principal axes.
+//!
+//! The page (`explore.html`):
+//! - draws the codes as a scatter coloured by class;
+//! - decodes the point under the pointer live, with the MLP forward written in JavaScript;
+//! - shows the interpolation strip of a drag between two points.
+//!
+//! A latent space of more than two dimensions is viewed through two directions: principal
+//! components or latent axes. Sliders set the other directions.
+//!
+//! Float16 weights halve the file. Their rounding (relative 2^-11) moves a decoded pixel by far
+//! less than 1/255. `--precision f32` keeps the weights exact, and the page then matches
+//! `Vae::decode` to float32 rounding.
+
+use crate::config::Activation;
+use crate::eval::{self, Loaded};
+use crate::picture::Output;
+use crate::pictures;
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use serde_json::json;
+
+/// The page; `explore` puts the data in place of `DATA_MARKER`.
+const PAGE: &str = include_str!("explore.html");
+const DATA_MARKER: &str = "/*VAE_DATA*/null";
+
+/// How the weights are stored in the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// IEEE half floats: half the bytes, pixels within 1/255 of the float32 decoder.
+    F16,
+    /// The checkpoint's float32 weights, exactly.
+    F32,
+}
+
+/// Standard base64 (RFC 4648, section 4) with padding: how the page carries binary arrays.
+pub fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let v = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for k in 0..4 {
+            if k <= c.len() {
+                s.push(T[(v >> (18 - 6 * k) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+/// `v` as little-endian float16 or float32 bytes, base64.
+fn floats(v: &[f32], p: Precision) -> String {
+    let bytes: Vec<u8> = match p {
+        Precision::F16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        Precision::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    };
+    base64(&bytes)
+}
+
+fn activation_name(a: Activation) -> &'static str {
+    match a {
+        Activation::Relu => "relu",
+        Activation::Tanh => "tanh",
+        Activation::Softplus => "softplus",
+        Activation::Sigmoid => "sigmoid",
+        Activation::Gelu => "gelu",
+        Activation::Gated => "gated",
+    }
+}
+
+/// The page for the run `l`, its scatter holding the first `limit` test images (0 = all).
+pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
+    let zd = l.model.cfg.latent;
+    let test = l.test_split(limit)?;
+    let px = eval::test_pixels(&l.cfg, &test);
+    let codes = pictures::encode_means(l, &px)?;
+    let params = crate::run::load_tensors(&l.dir.join(crate::run::MODEL_FILE), &Device::Cpu)?;
+    let get = |name: &str| -> Result<Vec<f32>> {
+        params
+            .get(name)
+            .with_context(|| format!("{}: no tensor {name}", l.dir.display()))?
+            .flatten_all()?
+            .to_vec1::<f32>()
+            .with_context(|| format!("{}: tensor {name}", l.dir.display()))
+    };
+    // The decoder: hidden layers (the encoder's widths reversed), then the output layer.
+    let mut layers = Vec::new();
+    let mut prev = zd;
+    let gated = l.model.cfg.activation == Activation::Gated;
+    let widths: Vec<usize> = l.model.cfg.hidden.iter().rev().copied().collect();
+    for (i, &h) in widths.iter().enumerate() {
+        let name = format!("decoder.hidden.{i}");
+        let mut layer = json!({
+            "in": prev, "out": h,
+            "w": floats(&get(&format!("{name}.weight"))?, precision),
+            "b": floats(&get(&format!("{name}.bias"))?, precision),
+        });
+        if gated {
+            layer["gw"] = floats(&get(&format!("{name}.gate.weight"))?, precision).into();
+            layer["gb"] = floats(&get(&format!("{name}.gate.bias"))?, precision).into();
+        }
+        layers.push(layer);
+        prev = h;
+    }
+    layers.push(json!({
+        "in": prev, "out": l.dim(),
+        "w": floats(&get("decoder.out.weight")?, precision),
+        "b": floats(&get("decoder.out.bias")?, precision),
+    }));
+    let pca = pictures::pca(&codes, zd);
+    let title = l
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| l.dir.display().to_string());
+    let data = json!({
+        "title": title,
+        "epoch": l.state.epoch,
+        "rows": l.state.rows,
+        "cols": l.state.cols,
+        "channels": l.state.channels,
+        "latent": zd,
+        "activation": activation_name(l.model.cfg.activation),
+        "hidden": l.model.cfg.hidden,
+        "decoder": format!("{:?}", l.model.cfg.decoder).to_lowercase(),
+        "kind": format!("{:?}", l.model.cfg.kind).to_lowercase(),
+        "precision": match precision { Precision::F16 => "f16", Precision::F32 => "f32" },
+        "layers": layers,
+        "n": test.n,
+        "codes": floats(&codes, precision),
+        "labels": if test.labels.len() == test.n { test.labels.clone() } else { Vec::new() },
+        "classes": l.state.classes,
+        "pca": { "mean": pca.mean, "axes": pca.axes, "frac": pca.frac },
+    });
+    // JSON inside a <script> element: "</" would end it early, so it is written "<\/".
+    let text = serde_json::to_string(&data)?.replace("</", "<\\/");
+    if !PAGE.contains(DATA_MARKER) {
+        bail!("explore.html lost its data marker");
+    }
+    Ok(PAGE.replacen(DATA_MARKER, &text, 1))
+}
+
+/// `vae explore`: writes the page to `out`.
+pub fn explore(l: &Loaded, limit: usize, precision: Precision, out: &Output) -> Result<()> {
+    out.check_for("an HTML page")?;
+    let html = page(l, limit, precision)?;
+    out.write(html.as_bytes())?;
+    if let Output::File(p) = out {
+        eprintln!(
+            "wrote {} ({:.1} MB; open it in a browser, no server needed)",
+            p.display(),
+            html.len() as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        // RFC 4648, section 10.
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+        // Every 6-bit value once: the alphabet's ends.
+        assert_eq!(base64(&[0xff, 0xff, 0xff]), "////");
+        assert_eq!(base64(&[0xfb, 0xef, 0xbe]), "++++");
+    }
+
+    #[test]
+    fn float16_bytes_round_as_ieee_half() {
+        // 1.0 = 0x3c00, -2.0 = 0xc000, 65504 = 0x7bff (largest), 2^-24 = 0x0001 (smallest).
+        let b = floats(&[1.0, -2.0, 65504.0, 5.960_464_5e-8], Precision::F16);
+        assert_eq!(b, base64(&[0x00, 0x3c, 0x00, 0xc0, 0xff, 0x7b, 0x01, 0x00]));
+    }
+}

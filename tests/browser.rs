@@ -1,0 +1,163 @@
+//! `vae explore` in a real browser: headless Chromium loads the page from a file, decodes a known
+//! z (and the interpolation strip to a second one) through the page's own code path, and the
+//! pixels it reports are compared with `vae`'s own decoder.
+//!
+//! Opt-in, because it needs Chromium, which CI does not install:
+//!
+//!     apt-get install -y chromium
+//!     cargo test --release --test browser -- --ignored
+//!
+//! `VAE_CHROMIUM=/path/to/chrome` picks another binary.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn chromium() -> PathBuf {
+    let p = PathBuf::from(std::env::var("VAE_CHROMIUM").unwrap_or("/usr/bin/chromium".into()));
+    assert!(
+        p.exists(),
+        "{} not found: apt-get install -y chromium, or set VAE_CHROMIUM",
+        p.display()
+    );
+    p
+}
+
+/// Loads `page#probe=...` headless; returns (the page's #probe-out JSON, chromium's stderr).
+fn probe(page: &Path, z: &[f32], to: &[f32]) -> (serde_json::Value, String) {
+    let arg = serde_json::json!({ "z": z, "to": to }).to_string();
+    // Percent-encode everything but the unreserved characters.
+    let enc: String = arg
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}#probe={enc}", page.display()))
+        .output()
+        .expect("run chromium");
+    assert!(out.status.success(), "chromium failed");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let start = dom
+        .find("<pre id=\"probe-out\"")
+        .expect("no #probe-out in the page");
+    let body = &dom[start..];
+    let json = &body[body.find('>').unwrap() + 1..body.find("</pre>").unwrap()];
+    let json = json.replace("&quot;", "\"").replace("&amp;", "&");
+    let v: serde_json::Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("#probe-out is not JSON ({e}): {json:.300}"));
+    (v, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+#[ignore = "needs Chromium: apt-get install -y chromium; cargo test --release --test browser -- --ignored"]
+fn the_page_decodes_as_vae_does() {
+    // Every activation's forward in the page, two hidden layers, and a colour run's layout.
+    for set in [
+        &[][..],
+        &["model.activation=gated"],
+        &["model.activation=gelu", "model.hidden=[32, 16]"],
+        &["model.activation=tanh"],
+        &["model.activation=softplus"],
+        &["model.activation=sigmoid"],
+        &["data.channels=3", "model.latent=2"],
+    ] {
+        let mut extra = Vec::new();
+        for s in set {
+            extra.extend(["--set", s]);
+        }
+        decodes_as_vae_does(&extra);
+    }
+}
+
+fn decodes_as_vae_does(extra: &[&str]) {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(t.path(), extra);
+    let l = vae::eval::open(Some(run.to_str().unwrap()), Some("cpu")).unwrap();
+    let zd = l.model.cfg.latent;
+    // A known z and a second one for the strip; the strip's 5th of 10 cells is at 4/9.
+    let z: Vec<f32> = (0..zd).map(|k| (k as f32 + 1.0).sin() * 1.3).collect();
+    let to: Vec<f32> = (0..zd).map(|k| (k as f32 * 0.7).cos() - 0.5).collect();
+    let mid: Vec<f32> = z
+        .iter()
+        .zip(&to)
+        .map(|(a, b)| (1.0 - 4.0 / 9.0) * a + 4.0 / 9.0 * b)
+        .collect();
+    let want = vae::pictures::decode_means(&l, &z).unwrap();
+    let want_to = vae::pictures::decode_means(&l, &to).unwrap();
+    let want_mid = vae::pictures::decode_means(&l, &mid).unwrap();
+
+    for (precision, tol) in [("f32", 1e-4f32), ("f16", 1.0 / 255.0)] {
+        let page = t.path().join(format!("explore-{precision}.html"));
+        ok(
+            t.path(),
+            &[
+                "explore",
+                "--precision",
+                precision,
+                "-o",
+                page.to_str().unwrap(),
+            ],
+        );
+        let html = std::fs::read_to_string(&page).unwrap();
+        // Self-contained: nothing is fetched.
+        for needle in ["src=", "href=", "http://", "https://", "@import"] {
+            assert!(!html.contains(needle), "the page refers to {needle}");
+        }
+        let (v, stderr) = probe(&page, &z, &to);
+        assert_eq!(v["errors"], serde_json::json!([]), "page errors: {v}");
+        let console: Vec<&str> = stderr.lines().filter(|l| l.contains("CONSOLE")).collect();
+        assert!(console.is_empty(), "the console got: {console:?}");
+        let got = floats(&v["pixels"]);
+        let d = max_diff(&got, &want);
+        assert!(
+            d < tol,
+            "{extra:?} {precision}: decoded pixels differ by {d} (tolerance {tol})"
+        );
+        let strip = v["strip"].as_array().expect("a strip");
+        assert_eq!(strip.len(), 10);
+        assert!(max_diff(&floats(&strip[0]), &want) < tol);
+        assert!(max_diff(&floats(&strip[4]), &want_mid) < tol);
+        assert!(max_diff(&floats(&strip[9]), &want_to) < tol);
+        eprintln!(
+            "{extra:?} {precision}: largest pixel difference {d:.2e}, page {} bytes",
+            html.len()
+        );
+    }
+}
