@@ -76,6 +76,10 @@ pub struct DataConfig {
     pub resize: Option<[usize; 2]>,
     /// With no train/test split in the data, the share drawn (by a fixed seed) for the test set.
     pub test_fraction: f64,
+    /// "hub:mnist" or "hub:fashion-mnist": the data from the Hugging Face cache instead of
+    /// `dir` (cargo feature `hub`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,6 +260,7 @@ impl Default for DataConfig {
             channels: None,
             resize: None,
             test_fraction: 0.1,
+            source: None,
         }
     }
 }
@@ -466,6 +471,11 @@ impl Config {
         if let Some([h, w]) = self.data.resize {
             if h == 0 || w == 0 || h > 4096 || w > 4096 {
                 bail!("key `data.resize` must be [height, width], each 1 to 4096, got [{h}, {w}]");
+            }
+        }
+        if let Some(s) = &self.data.source {
+            if !["hub:mnist", "hub:fashion-mnist"].contains(&s.as_str()) {
+                bail!("key `data.source`: {s:?}; use \"hub:mnist\" or \"hub:fashion-mnist\" (or leave it out to read `data.dir`)");
             }
         }
         let f = self.data.test_fraction;

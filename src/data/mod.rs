@@ -13,6 +13,8 @@
 
 pub mod array;
 pub mod folder;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod idx;
 
 use crate::config::DataConfig;
@@ -168,6 +170,14 @@ pub fn resolve(dir: &str) -> Result<PathBuf> {
 /// Reads the data `cfg` names, both splits (`test_only`: the test split alone, the training split
 /// left empty), keeping the first `limit` / `test_limit` images (0 = all).
 fn read(cfg: &DataConfig, shape: Shape, test_only: bool) -> Result<Dataset> {
+    if let Some(source) = &cfg.source {
+        let mut ds = from_hub(source)?;
+        if shape.channels == Some(3) || shape.resize.is_some() {
+            ds.train = reshape(ds.train, shape)?;
+            ds.test = reshape(ds.test, shape)?;
+        }
+        return Ok(ds);
+    }
     let p = resolve(&cfg.dir)?;
     let ds = if p.is_file() {
         array::load(&p, shape, test_only)?
@@ -209,6 +219,19 @@ pub fn load_test(cfg: &DataConfig, channels: usize, test_limit: usize) -> Result
     let mut test = read(cfg, shape, true)?.test;
     test.truncate(test_limit);
     Ok(test)
+}
+
+#[cfg(feature = "hub")]
+fn from_hub(source: &str) -> Result<Dataset> {
+    hub::load(source)
+}
+
+#[cfg(not(feature = "hub"))]
+fn from_hub(source: &str) -> Result<Dataset> {
+    bail!(
+        "key `data.source` = {source:?} needs the `hub` feature: cargo build --release \
+         --features hub (or leave data.source out to read data.dir)"
+    )
 }
 
 /// Grey images (MNIST-format files) resized or widened to RGB as `shape` asks.
