@@ -84,6 +84,9 @@ fn activation_name(a: Activation) -> &'static str {
 /// The page for the run `l`, its scatter holding the first `limit` test images (0 = all).
 pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
     let zd = l.model.cfg.latent;
+    if zd < 2 {
+        bail!("the run's latent space is 1-D; the explorer needs a plane (vae manifold --dim 1 traverses it)");
+    }
     let test = l.test_split(limit)?;
     let px = eval::test_pixels(&l.cfg, &test);
     let codes = pictures::encode_means(l, &px)?;

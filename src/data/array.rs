@@ -417,6 +417,19 @@ mod tests {
         z.finish().unwrap();
     }
 
+    /// Every byte of both splits, sorted: what was read, whichever split each image went to.
+    fn all_sorted(ds: &Dataset) -> Vec<u8> {
+        let mut v: Vec<u8> = ds
+            .train
+            .images
+            .iter()
+            .chain(&ds.test.images)
+            .copied()
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn npy_uint8_and_float_with_a_seeded_split() {
         let t = tempfile::tempdir().unwrap();
@@ -430,15 +443,7 @@ mod tests {
         };
         let ds = load(&p, shape, false).unwrap();
         assert_eq!((ds.train.n, ds.test.n, ds.train.dim()), (3, 1, 2));
-        let mut seen: Vec<u8> = ds
-            .train
-            .images
-            .iter()
-            .chain(&ds.test.images)
-            .copied()
-            .collect();
-        seen.sort();
-        assert_eq!(seen, vec![0, 0, 1, 2, 2, 3, 4, 6]);
+        assert_eq!(all_sorted(&ds), vec![0, 0, 1, 2, 2, 3, 4, 6]);
         // float64 in [0, 1]: 0.5 -> round(127.5) = 128.
         let f: Vec<u8> = [0.5f64, 1.0, 0.0, 0.25]
             .iter()
@@ -446,15 +451,7 @@ mod tests {
             .collect();
         std::fs::write(&p, npy("<f8", &[2, 1, 2], &f)).unwrap();
         let ds = load(&p, shape, false).unwrap();
-        let mut seen: Vec<u8> = ds
-            .train
-            .images
-            .iter()
-            .chain(&ds.test.images)
-            .copied()
-            .collect();
-        seen.sort();
-        assert_eq!(seen, vec![0, 64, 128, 255]);
+        assert_eq!(all_sorted(&ds), vec![0, 64, 128, 255]);
     }
 
     #[test]
