@@ -305,4 +305,8 @@ fn explore_writes_one_self_contained_page() {
             .sum();
         assert!((n - 1.0).abs() < 1e-6, "{n}");
     }
+    // A 1-D latent space has no plane to explore.
+    let one = tempfile::tempdir().unwrap();
+    tiny(one.path(), &["--set", "model.latent=1"]);
+    fails(one.path(), &["explore", "-o", "x.html"], "latent space is 1-D");
 }
