@@ -26,8 +26,8 @@ fn chromium() -> PathBuf {
 }
 
 /// Loads `page#probe=...` headless; returns (the page's #probe-out JSON, chromium's stderr).
-fn probe(page: &Path, z: &[f32], to: &[f32]) -> (serde_json::Value, String) {
-    let arg = serde_json::json!({ "z": z, "to": to }).to_string();
+fn probe(page: &Path, arg: serde_json::Value) -> (serde_json::Value, String) {
+    let arg = arg.to_string();
     // Percent-encode everything but the unreserved characters.
     let enc: String = arg
         .bytes()
@@ -140,7 +140,7 @@ fn decodes_as_vae_does(extra: &[&str]) {
         for needle in ["src=", "href=", "http://", "https://", "@import"] {
             assert!(!html.contains(needle), "the page refers to {needle}");
         }
-        let (v, stderr) = probe(&page, &z, &to);
+        let (v, stderr) = probe(&page, serde_json::json!({ "z": z, "to": to }));
         assert_eq!(v["errors"], serde_json::json!([]), "page errors: {v}");
         let console: Vec<&str> = stderr.lines().filter(|l| l.contains("CONSOLE")).collect();
         assert!(console.is_empty(), "the console got: {console:?}");
@@ -155,6 +155,28 @@ fn decodes_as_vae_does(extra: &[&str]) {
         assert!(max_diff(&floats(&strip[0]), &want) < tol);
         assert!(max_diff(&floats(&strip[4]), &want_mid) < tol);
         assert!(max_diff(&floats(&strip[9]), &want_to) < tol);
+        // The pointer itself: down at one point of the plane, moved to another, up there.
+        let (v, _) = probe(
+            &page,
+            serde_json::json!({ "drag": [[-0.5, 0.3], [0.8, -0.4]] }),
+        );
+        assert_eq!(v["errors"], serde_json::json!([]), "page errors: {v}");
+        let dg = &v["drag"];
+        let (pz, ends) = (floats(&dg["z"]), dg["ends"].as_array().expect("a strip"));
+        let (a, b) = (floats(&ends[0]), floats(&ends[1]));
+        assert!(max_diff(&pz, &b) < 1e-6 && max_diff(&a, &b) > 0.1, "{dg}");
+        if zd == 2 {
+            // On a 2-D run the plane is z: the pointer lands within a canvas pixel or two.
+            assert!(
+                max_diff(&a, &[-0.5, 0.3]) < 0.05 && max_diff(&b, &[0.8, -0.4]) < 0.05,
+                "{dg}"
+            );
+        }
+        let dec = |z: &[f32]| vae::pictures::decode_means(&l, z).unwrap();
+        assert!(max_diff(&floats(&dg["pixels"]), &dec(&pz)) < tol);
+        let strip = dg["strip"].as_array().expect("a strip");
+        assert!(max_diff(&floats(&strip[0]), &dec(&a)) < tol);
+        assert!(max_diff(&floats(&strip[9]), &dec(&b)) < tol);
         eprintln!(
             "{extra:?} {precision}: largest pixel difference {d:.2e}, page {} bytes",
             html.len()

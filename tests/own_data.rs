@@ -25,9 +25,11 @@ fn folder(root: &Path, per_class: usize) {
     for (c, name) in ["blue", "green", "red"].iter().enumerate() {
         let d = root.join(name);
         std::fs::create_dir_all(&d).unwrap();
+        // PNG, and JPEG for one class.
+        let ext = if *name == "green" { "jpg" } else { "png" };
         for i in 0..per_class {
             square(2 - c, i)
-                .save(d.join(format!("{i:03}.png")))
+                .save(d.join(format!("{i:03}.{ext}")))
                 .unwrap();
         }
     }
@@ -161,7 +163,16 @@ fn npy_and_npz_arrays_train_and_evaluate() {
     let out = train(
         t.path(),
         npz.to_str().unwrap(),
-        &["--set", "data.resize=[4, 4]", "--set", "data.channels=1"],
+        &[
+            "--set",
+            "data.resize=[4, 4]",
+            "--set",
+            "data.channels=1",
+            "--set",
+            "model.decoder=gaussian",
+            "--set",
+            "model.learn_sigma=true",
+        ],
     );
     assert!(out.contains("30 train, 10 test images of 4x4"), "{out}");
     ok(t.path(), &["eval"]);

@@ -308,5 +308,9 @@ fn explore_writes_one_self_contained_page() {
     // A 1-D latent space has no plane to explore.
     let one = tempfile::tempdir().unwrap();
     tiny(one.path(), &["--set", "model.latent=1"]);
-    fails(one.path(), &["explore", "-o", "x.html"], "latent space is 1-D");
+    fails(
+        one.path(),
+        &["explore", "-o", "x.html"],
+        "latent space is 1-D",
+    );
 }
