@@ -40,6 +40,10 @@ pub const SHIPPED: &[(&str, &str)] = &[
         include_str!("../configs/vamp-standard.toml"),
     ),
     (
+        "vamp-prior.toml",
+        include_str!("../configs/vamp-prior.toml"),
+    ),
+    (
         "planar-flows10.toml",
         include_str!("../configs/planar-flows10.toml"),
     ),
@@ -126,6 +130,9 @@ pub enum Prior {
     /// (1/K) sum_k N(m_k, diag exp(lv_k)) with learned means and log-variances; the KL is the
     /// one-sample estimate log q(z|x) - log p(z).
     Mog,
+    /// Tomczak & Welling's VampPrior: (1/K) sum_k q(z | u_k) over K learned pseudo-inputs u_k
+    /// (clipped to [0, 1]); the KL is the one-sample estimate, as for `mog`. Autograd engine only.
+    Vamp,
 }
 
 /// How the decoder's output bias starts.
@@ -561,6 +568,12 @@ impl Config {
         }
         if t.free_bits > 0.0 && self.model.prior != Prior::Normal {
             bail!("key `train.free_bits` needs the closed-form per-dimension KL of the normal prior; `model.prior = \"mog\"` has none");
+        }
+        if self.model.prior == Prior::Vamp && self.model.flows > 0 {
+            bail!("key `model.prior`: the VampPrior is a mixture of q(z|u_k) without flows; use `model.flows = 0` or another prior");
+        }
+        if self.model.prior == Prior::Vamp && t.engine == EngineKind::Fused {
+            bail!("key `train.engine`: the VampPrior runs on the autograd engine only (the fused CPU step does not have it yet); use \"auto\" or \"autograd\"");
         }
         if self.model.kind == ModelKind::Ae && self.model.prior != Prior::Normal {
             bail!("key `model.prior`: an autoencoder has no prior; use `model.kind = \"vae\"`");

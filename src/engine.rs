@@ -103,7 +103,8 @@ impl Engine {
     ) -> Result<Self> {
         let cpu = matches!(dev, Device::Cpu);
         let fused = match cfg.train.engine {
-            EngineKind::Auto => cpu,
+            // The VampPrior has no fused step yet.
+            EngineKind::Auto => cpu && cfg.model.prior != crate::config::Prior::Vamp,
             EngineKind::Fused => {
                 if !cpu {
                     bail!("key `train.engine`: \"fused\" runs on the CPU only; use \"auto\" or --device cpu");

@@ -88,8 +88,18 @@ pub struct Vae {
     dec_out: Linear,
     /// Gaussian decoder only: learned (D,) or fixed (1,) log-variance.
     dec_logvar: Option<Tensor>,
-    /// A mixture prior's means and log-variances, (K, Z) each.
-    prior: Option<(Tensor, Tensor)>,
+    /// The prior's parameters, if it has any.
+    prior: PriorParams,
+}
+
+/// The prior p(z) and its parameters.
+enum PriorParams {
+    /// N(0, I).
+    Normal,
+    /// A mixture's means and log-variances, (K, Z) each.
+    Mog(Tensor, Tensor),
+    /// The VampPrior's pseudo-inputs u (K, D): p(z) = (1/K) sum_k q(z | clip(u_k, 0, 1)).
+    Vamp(Tensor),
 }
 
 /// Planar flow parameters: none, one head giving each image its flow, or one shared flow.
@@ -180,10 +190,13 @@ impl Vae {
             }
         };
         let prior = match cfg.prior {
-            Prior::Normal => None,
+            Prior::Normal => PriorParams::Normal,
             Prior::Mog => {
                 let k = (cfg.prior_components, cfg.latent);
-                Some((vb.get(k, "prior.means")?, vb.get(k, "prior.logvars")?))
+                PriorParams::Mog(vb.get(k, "prior.means")?, vb.get(k, "prior.logvars")?)
+            }
+            Prior::Vamp => {
+                PriorParams::Vamp(vb.get((cfg.prior_components, input_dim), "prior.pseudo_inputs")?)
             }
         };
         Ok(Vae {
@@ -257,13 +270,13 @@ impl Vae {
         // log q(z_K|x) - log p(z_K) = 1/2 sum(z_K^2 - eps^2 - logvar) - sum_k log|det J_k|
         // (the ln 2 pi terms cancel).
         let mut lqp = match &self.prior {
-            None => (((z.sqr()? - eps.sqr()?)? - &lvr)?.sum(1)? * 0.5)?,
-            Some(_) => (((eps.sqr()? + &lvr)?.sum(1)? * -0.5)? - self.log_prior(&z)?)?,
+            PriorParams::Normal => (((z.sqr()? - eps.sqr()?)? - &lvr)?.sum(1)? * 0.5)?,
+            _ => (((eps.sqr()? + &lvr)?.sum(1)? * -0.5)? - self.log_prior(&z)?)?,
         };
         if let Some(ld) = &logdet {
             lqp = (lqp - ld)?;
         }
-        let (kl, kl_dims) = if steps.is_empty() && self.prior.is_none() {
+        let (kl, kl_dims) = if steps.is_empty() && matches!(self.prior, PriorParams::Normal) {
             let dims = ((((mu.sqr()? + lv.exp()?)? - &lv)? - 1.0)? * 0.5)?;
             (
                 repeat_rows(&dims.sum_keepdim(1)?, s)?.squeeze(1)?,
@@ -310,7 +323,7 @@ impl Vae {
     /// logsumexp_k [-1/2 sum_j ((z_j - m_kj)^2 e^-lv_kj + lv_kj)] - ln K; z (N, Z) -> (N,).
     /// The standard normal's is -|z|^2 / 2.
     pub fn log_prior(&self, z: &Tensor) -> Result<Tensor> {
-        let Some((m, lv)) = &self.prior else {
+        let Some((m, lv)) = self.mixture()? else {
             return z.sqr()?.sum(1)? * -0.5;
         };
         let diff = z.unsqueeze(1)?.broadcast_sub(&m.unsqueeze(0)?)?; // (N, K, Z)
@@ -325,7 +338,7 @@ impl Vae {
     /// z from the prior for standard-normal `eps` (n, Z): eps itself, or m_k + sigma_k eps with
     /// component `pick[i]` for row i under a mixture.
     pub fn prior_z(&self, eps: &Tensor, pick: &[usize]) -> Result<Tensor> {
-        let Some((m, lv)) = &self.prior else {
+        let Some((m, lv)) = self.mixture()? else {
             return Ok(eps.clone());
         };
         let k = m.dim(0)?;
@@ -340,7 +353,23 @@ impl Vae {
 
     /// Components of the prior (1 for the standard normal).
     pub fn prior_components(&self) -> usize {
-        self.prior.as_ref().map_or(1, |(m, _)| m.dims()[0])
+        match &self.prior {
+            PriorParams::Normal => 1,
+            PriorParams::Mog(m, _) => m.dims()[0],
+            PriorParams::Vamp(u) => u.dims()[0],
+        }
+    }
+
+    /// A mixture prior's component means and log-variances, (K, Z) each; None for N(0, I).
+    /// The VampPrior's are the encoder's q(z|u_k) at its pseudo-inputs clipped to [0, 1]
+    /// (Tomczak & Welling 2018, eq. 9), recomputed from the current weights at every call so
+    /// the gradient reaches both the pseudo-inputs and the encoder.
+    pub fn mixture(&self) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(match &self.prior {
+            PriorParams::Normal => None,
+            PriorParams::Mog(m, lv) => Some((m.clone(), lv.clone())),
+            PriorParams::Vamp(u) => Some(self.encode(&u.clamp(0f32, 1f32)?)?),
+        })
     }
 
     /// The code the decoder sees for `x` (B, D) at the posterior's centre: mu, carried through
@@ -445,7 +474,10 @@ impl Vae {
     /// Reconstruction NLL and KL per example, each (B,); their sum is the -ELBO (one sample of
     /// z; with flows the KL is its one-sample estimate; an autoencoder's KL is 0).
     pub fn neg_elbo_terms(&self, x: &Tensor, eps: &Tensor) -> Result<(Tensor, Tensor)> {
-        if matches!(self.flows, Flows::None) && !self.is_ae() {
+        // The closed-form KL is the standard normal prior's only: a mixture prior (mog, vamp)
+        // takes the one-sample log q(z|x) - log p(z) of `samples`, as training does.
+        let normal = matches!(self.prior, PriorParams::Normal);
+        if matches!(self.flows, Flows::None) && !self.is_ae() && normal {
             let f = self.forward(x, eps)?;
             return Ok((
                 self.recon_nll(&f.out, x)?,
@@ -502,6 +534,9 @@ pub fn data_mean_output_bias(
     Ok(())
 }
 
+/// The fan-in marker of the VampPrior's pseudo-inputs, which start N(0.05, 0.01^2).
+const PSEUDO_INPUT_INIT: usize = usize::MAX - 1;
+
 /// Every parameter's name, shape, and fan-in, in a fixed order.
 pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usize>, usize)> {
     let mut v = Vec::new();
@@ -540,6 +575,13 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
     lin("decoder.out".into(), prev, input_dim);
     if cfg.decoder == DecoderKind::Gaussian && cfg.learn_sigma {
         v.push(("decoder.logvar".into(), vec![input_dim], 0));
+    }
+    if cfg.prior == Prior::Vamp {
+        v.push((
+            "prior.pseudo_inputs".into(),
+            vec![cfg.prior_components, input_dim],
+            PSEUDO_INPUT_INIT,
+        ));
     }
     if cfg.prior == Prior::Mog {
         let k = vec![cfg.prior_components, cfg.latent];
@@ -608,6 +650,14 @@ pub fn init_params(
             vec![(2.0 * cfg.sigma.ln()) as f32; n]
         } else if fan_in == usize::MAX {
             vec![0.0; n]
+        } else if fan_in == PSEUDO_INPUT_INIT {
+            // N(0.05, 0.01^2), as Tomczak & Welling's code starts MNIST's pseudo-inputs.
+            (0..n)
+                .map(|_| {
+                    0.05 + 0.01
+                        * rand_distr::Distribution::<f32>::sample(&rand_distr::StandardNormal, rng)
+                })
+                .collect()
         } else {
             let b = 1.0 / (fan_in as f32).sqrt();
             (0..n).map(|_| rng.random_range(-b..b)).collect()
@@ -967,5 +1017,109 @@ mod tests {
         let (l1, _, _) = m.training_loss(&x, &eps, &o(1.0, 100.0)).unwrap();
         // 2 images * 3 dimensions * 100 nats = 600 on top of the reconstruction.
         assert!((l1.to_scalar::<f32>().unwrap() - (r + 600.0)).abs() < 1e-2);
+    }
+
+    #[test]
+    fn vamp_prior_is_the_mixture_of_q_at_the_clipped_pseudo_inputs() {
+        // K = 2 pseudo-inputs of D = 3, one with entries outside [0, 1] (clipped to 1 and 0).
+        let cfg = ModelConfig {
+            hidden: vec![5],
+            latent: 2,
+            prior: Prior::Vamp,
+            prior_components: 2,
+            ..Default::default()
+        };
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut p = init_params(&cfg, 3, &mut rng, &dev).unwrap();
+        let u = Tensor::new(&[[0.2f32, 0.7, 0.4], [1.7, -0.3, 0.5]], &dev).unwrap();
+        p.insert("prior.pseudo_inputs".into(), u);
+        let vars: HashMap<String, candle_core::Var> = p
+            .iter()
+            .map(|(k, v)| (k.clone(), candle_core::Var::from_tensor(v).unwrap()))
+            .collect();
+        let tensors: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let m = Vae::new(&cfg, 3, VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap();
+        // The components are q(z|u_k) at the clipped inputs.
+        let clipped = Tensor::new(&[[0.2f32, 0.7, 0.4], [1.0, 0.0, 0.5]], &dev).unwrap();
+        let (mu, lv) = m.encode(&clipped).unwrap();
+        let (mu, lv) = (mu.to_vec2::<f32>().unwrap(), lv.to_vec2::<f32>().unwrap());
+        let z = Tensor::new(&[[0.3f32, -1.1]], &dev).unwrap();
+        // log p(z) + Z/2 ln 2 pi = logsumexp_k [-1/2 sum_j ((z_j - m_kj)^2 e^-lv_kj + lv_kj)] - ln 2.
+        let zv = [0.3f64, -1.1];
+        let comp: Vec<f64> = (0..2)
+            .map(|k| {
+                -0.5 * (0..2)
+                    .map(|j| {
+                        let (m, l) = (mu[k][j] as f64, lv[k][j] as f64);
+                        (zv[j] - m).powi(2) * (-l).exp() + l
+                    })
+                    .sum::<f64>()
+            })
+            .collect();
+        let top = comp[0].max(comp[1]);
+        let want = top + ((comp[0] - top).exp() + (comp[1] - top).exp()).ln() - 2f64.ln();
+        let lp = m.log_prior(&z).unwrap();
+        let got = lp.to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        assert_eq!(m.prior_components(), 2);
+        // The gradient reaches the pseudo-inputs inside [0, 1] and the encoder; the clip
+        // passes none to the entries outside it.
+        let grads = lp.sum_all().unwrap().backward().unwrap();
+        let gu = grads
+            .get(vars["prior.pseudo_inputs"].as_tensor())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(gu[0].iter().all(|g| g.abs() > 0.0), "{gu:?}");
+        assert_eq!((gu[1][0], gu[1][1]), (0.0, 0.0));
+        assert!(gu[1][2].abs() > 0.0);
+        let genc = grads.get(vars["encoder.mu.weight"].as_tensor()).unwrap();
+        assert!(
+            genc.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+    }
+
+    #[test]
+    fn a_mixture_prior_is_evaluated_with_its_own_kl() {
+        // The evaluation's KL is the training's: log q(z|x) - log p(z) at the same sample, not
+        // the closed-form KL to N(0, I) (which the test -ELBO of mog runs used to report).
+        for prior in [Prior::Mog, Prior::Vamp] {
+            let cfg = ModelConfig {
+                hidden: vec![8],
+                latent: 3,
+                prior,
+                prior_components: 4,
+                ..Default::default()
+            };
+            let m = model_of(&cfg, 6);
+            let x = Tensor::new(&[[0.0f32, 1.0, 0.5, 0.2, 0.9, 0.0]], &Device::Cpu).unwrap();
+            let eps = Tensor::new(&[[0.3f32, -0.8, 1.1]], &Device::Cpu).unwrap();
+            let (_, kl) = m.neg_elbo_terms(&x, &eps).unwrap();
+            let want = m.samples(&x, &eps, 1).unwrap().kl;
+            let (kl, want) = (kl.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap());
+            assert!(
+                (kl[0] - want[0]).abs() < 1e-5,
+                "{prior:?}: {kl:?} vs {want:?}"
+            );
+            let (mu, lv) = m.encode(&x).unwrap();
+            let normal = loss::kl_std_normal(&mu, &lv)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert!(
+                (kl[0] - normal[0]).abs() > 1e-3,
+                "{prior:?}: the N(0, I) KL"
+            );
+        }
     }
 }

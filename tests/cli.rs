@@ -351,3 +351,52 @@ fn eval_every_skips_test_epochs() {
     assert!(pics.join("sample-002.png").is_file() && pics.join("sample-003.png").is_file());
     assert!(run.join("curves.png").is_file());
 }
+
+#[test]
+fn vamp_prior_trains_evaluates_and_samples() {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(
+        t.path(),
+        &[
+            "--set",
+            "model.prior=vamp",
+            "--set",
+            "model.prior_components=20",
+        ],
+    );
+    let m = metrics(&run);
+    // Test -ELBO before training and after two epochs.
+    let first: f64 = m[0][5].parse().unwrap();
+    let last: f64 = m[2][5].parse().unwrap();
+    assert!(last.is_finite() && last < first, "{m:?}");
+    let out = ok(t.path(), &["eval", "--json", "--iw", "20", "--limit", "50"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (elbo, iw) = (
+        v["neg_elbo"].as_f64().unwrap(),
+        v["iw_nll"].as_f64().unwrap(),
+    );
+    assert!(iw.is_finite() && iw < elbo + 1.0, "{out}");
+    assert!(png_size(&ok_bytes(t.path(), &["sample", "-n", "4"])).0 > 0);
+    assert!(png_size(&ok_bytes(t.path(), &["manifold"])).0 > 0);
+    // The checkpoint holds the pseudo-inputs; flows and the fused engine are refused by name.
+    let names = std::fs::read(run.join("model.safetensors")).unwrap();
+    assert!(String::from_utf8_lossy(&names).contains("prior.pseudo_inputs"));
+    let vamp = [
+        "train",
+        "-c",
+        "tiny.toml",
+        "--set",
+        "model.prior=vamp",
+        "--set",
+    ];
+    fails(
+        t.path(),
+        &[&vamp[..], &["model.flows=2"]].concat(),
+        "model.flows = 0",
+    );
+    fails(
+        t.path(),
+        &[&vamp[..], &["train.engine=fused"]].concat(),
+        "autograd engine only",
+    );
+}
