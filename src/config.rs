@@ -131,7 +131,7 @@ pub enum Prior {
     /// one-sample estimate log q(z|x) - log p(z).
     Mog,
     /// Tomczak & Welling's VampPrior: (1/K) sum_k q(z | u_k) over K learned pseudo-inputs u_k
-    /// (clipped to [0, 1]); the KL is the one-sample estimate, as for `mog`. Autograd engine only.
+    /// (clipped to [0, 1]); the KL is the one-sample estimate, as for `mog`.
     Vamp,
 }
 
@@ -571,9 +571,6 @@ impl Config {
         }
         if self.model.prior == Prior::Vamp && self.model.flows > 0 {
             bail!("key `model.prior`: the VampPrior is a mixture of q(z|u_k) without flows; use `model.flows = 0` or another prior");
-        }
-        if self.model.prior == Prior::Vamp && t.engine == EngineKind::Fused {
-            bail!("key `train.engine`: the VampPrior runs on the autograd engine only (the fused CPU step does not have it yet); use \"auto\" or \"autograd\"");
         }
         if self.model.kind == ModelKind::Ae && self.model.prior != Prior::Normal {
             bail!("key `model.prior`: an autoencoder has no prior; use `model.kind = \"vae\"`");

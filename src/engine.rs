@@ -103,8 +103,7 @@ impl Engine {
     ) -> Result<Self> {
         let cpu = matches!(dev, Device::Cpu);
         let fused = match cfg.train.engine {
-            // The VampPrior has no fused step yet.
-            EngineKind::Auto => cpu && cfg.model.prior != crate::config::Prior::Vamp,
+            EngineKind::Auto => cpu,
             EngineKind::Fused => {
                 if !cpu {
                     bail!("key `train.engine`: \"fused\" runs on the CPU only; use \"auto\" or --device cpu");

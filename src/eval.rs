@@ -242,7 +242,7 @@ pub fn run_eval(
     let (run_dir, state) = (&l.dir, Some(&l.state));
     let iw_value = if iw > 0 {
         let t0 = std::time::Instant::now();
-        let v = if matches!(l.dev, Device::Cpu) && l.cfg.model.prior != crate::config::Prior::Vamp {
+        let v = if matches!(l.dev, Device::Cpu) {
             // The fused forward, one worker per group of images.
             let params = run::load_tensors(&l.dir.join(run::MODEL_FILE), &Device::Cpu)?;
             let px = test_pixels(&l.cfg, &test);

@@ -378,7 +378,7 @@ fn vamp_prior_trains_evaluates_and_samples() {
     assert!(iw.is_finite() && iw < elbo + 1.0, "{out}");
     assert!(png_size(&ok_bytes(t.path(), &["sample", "-n", "4"])).0 > 0);
     assert!(png_size(&ok_bytes(t.path(), &["manifold"])).0 > 0);
-    // The checkpoint holds the pseudo-inputs; flows and the fused engine are refused by name.
+    // The checkpoint holds the pseudo-inputs; flows are refused by name.
     let names = std::fs::read(run.join("model.safetensors")).unwrap();
     assert!(String::from_utf8_lossy(&names).contains("prior.pseudo_inputs"));
     let vamp = [
@@ -393,10 +393,5 @@ fn vamp_prior_trains_evaluates_and_samples() {
         t.path(),
         &[&vamp[..], &["model.flows=2"]].concat(),
         "model.flows = 0",
-    );
-    fails(
-        t.path(),
-        &[&vamp[..], &["train.engine=fused"]].concat(),
-        "autograd engine only",
     );
 }

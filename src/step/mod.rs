@@ -58,6 +58,8 @@ pub struct Net {
     global_flows: Option<usize>,
     /// A mixture prior's means (K, Z) then log-variances (K, Z), from this offset.
     prior: Option<usize>,
+    /// The VampPrior's pseudo-inputs (K, D), from this offset.
+    vamp: Option<usize>,
     dec: Vec<Lin>,
     out: Lin,
     /// Learned decoder log-variance (D) offset, if any.
@@ -103,6 +105,12 @@ impl Net {
         } else {
             None
         };
+        let vamp = if cfg.prior == Prior::Vamp {
+            size += cfg.prior_components * dim;
+            Some(size - cfg.prior_components * dim)
+        } else {
+            None
+        };
         let mut dec = Vec::new();
         let mut prev = z;
         for &h in cfg.hidden.iter().rev() {
@@ -123,6 +131,7 @@ impl Net {
             head,
             global_flows,
             prior,
+            vamp,
             dec,
             out,
             dec_lv,
@@ -150,12 +159,16 @@ impl Net {
         }
     }
 
-    /// The mixture prior's parameters in `th` and this step's constants.
-    fn mixture<'a>(&self, th: &'a [f32], inv: &'a [f32], lv_sum: &'a [f32]) -> prior::Mixture<'a> {
+    /// The mixture prior with its component means (K, Z) and this step's constants.
+    fn mixture<'a>(
+        &self,
+        means: &'a [f32],
+        inv: &'a [f32],
+        lv_sum: &'a [f32],
+    ) -> prior::Mixture<'a> {
         let (k, z) = (self.cfg.prior_components, self.cfg.latent);
-        let off = self.prior.unwrap_or(0);
         prior::Mixture {
-            means: &th[off..off + k * z],
+            means: &means[..k * z],
             inv,
             lv_sum,
             k,
@@ -163,9 +176,110 @@ impl Net {
         }
     }
 
+    /// Whether the prior is a mixture (learned Gaussians, or the VampPrior).
+    fn has_mixture(&self) -> bool {
+        self.prior.is_some() || self.vamp.is_some()
+    }
+
     /// Whether the KL term is the Monte-Carlo log q - log p (flows or a mixture prior).
     fn mc_kl(&self) -> bool {
-        self.cfg.flows > 0 || self.prior.is_some()
+        self.cfg.flows > 0 || self.has_mixture()
+    }
+
+    /// The VampPrior's components (Tomczak & Welling 2018, eq. 9): the encoder's q(z|u_k) at
+    /// the pseudo-inputs clipped to [0, 1], u (K, D) -> means and clipped log-variances (K, Z).
+    fn pseudo_forward(&self, th: &[f32], pw: &mut PseudoWork, par: bool) {
+        let (k, d, z, act) = (
+            self.cfg.prior_components,
+            self.dim,
+            self.cfg.latent,
+            self.cfg.activation,
+        );
+        let off = self.vamp.unwrap_or(0);
+        for (x, u) in pw.x.iter_mut().zip(&th[off..off + k * d]) {
+            *x = u.clamp(0.0, 1.0);
+        }
+        linear::mlp_forward(
+            &self.enc,
+            &pw.x,
+            &mut pw.enc_a,
+            &mut pw.enc_h,
+            th,
+            k,
+            act,
+            par,
+        );
+        linear::linear_forward(
+            &mut pw.hd,
+            &pw.enc_h[self.enc.len() - 1],
+            th,
+            self.head,
+            k,
+            par,
+        );
+        let (hc, hb) = (self.hc(), &th[self.head.b..self.head.end()]);
+        let dm = self.dims(k, 1);
+        for r in 0..k {
+            for j in 0..z {
+                pw.hd[r * hc + j] += hb[j];
+                pw.hd[r * hc + z + j] += hb[z + j];
+                pw.mean[r * z + j] = pw.hd[r * hc + j];
+                pw.logv[r * z + j] = pw.hd[r * hc + z + j].max(dm.lv_min).min(dm.lv_max);
+            }
+        }
+    }
+
+    /// Back from the VampPrior's component means and log-variances (their gradients in
+    /// `pw.gm`, `pw.gl`) through the encoder at the pseudo-inputs: the encoder's and the head's
+    /// share into `pw.grad` (added to the data's before their Adam steps), the pseudo-inputs'
+    /// into `g` (zero where the clip holds).
+    fn pseudo_backward(&self, th: &[f32], pw: &mut PseudoWork, g: &mut [f32], par: bool) {
+        let (k, d, z, act) = (
+            self.cfg.prior_components,
+            self.dim,
+            self.cfg.latent,
+            self.cfg.activation,
+        );
+        let (hc, dm) = (self.hc(), self.dims(k, 1));
+        for r in 0..k {
+            for j in 0..z {
+                pw.d_hd[r * hc + j] = pw.gm[r * z + j];
+                let raw = pw.hd[r * hc + z + j];
+                let inside = raw >= dm.lv_min && raw <= dm.lv_max;
+                pw.d_hd[r * hc + z + j] = if inside { pw.gl[r * z + j] } else { 0.0 };
+            }
+        }
+        let top = &pw.enc_h[self.enc.len() - 1];
+        linear::linear_backward(
+            &mut pw.grad,
+            Some(&mut pw.d1),
+            top,
+            &pw.d_hd,
+            th,
+            self.head,
+            k,
+            par,
+        );
+        for (i, l) in self.enc.iter().enumerate().rev() {
+            let input: &[f32] = if i == 0 { &pw.x } else { &pw.enc_h[i - 1] };
+            linear::layer_backward(
+                &mut pw.grad,
+                true,
+                &mut pw.d1,
+                &mut pw.d2,
+                (input, &pw.enc_a[i], &pw.enc_h[i]),
+                th,
+                *l,
+                k,
+                act,
+                par,
+            );
+        }
+        let off = self.vamp.unwrap_or(0);
+        for (i, (gv, dx)) in g[off..off + k * d].iter_mut().zip(&pw.d1).enumerate() {
+            let u = th[off + i];
+            *gv = if (0.0..=1.0).contains(&u) { *dx } else { 0.0 };
+        }
     }
 
     fn is_ae(&self) -> bool {
@@ -239,13 +353,19 @@ impl Net {
         }
         // log q - log p: -log p(z_K) (the ln 2 pi terms cancel).
         let zk = &w.zs[self.cfg.flows][..rows * z];
-        match self.prior {
+        match (self.prior, w.pw.as_mut()) {
             _ if self.is_ae() => {}
-            None => prior::normal_forward(zk, &mut w.lq[..rows], z),
-            Some(off) => {
+            (None, Some(pw)) => {
+                self.pseudo_forward(th, pw, par);
+                prior::mixture_prepare(&pw.logv, &mut w.pinv, &mut w.plv, z);
+                let mx = self.mixture(&pw.mean, &w.pinv, &w.plv);
+                prior::mixture_forward(zk, &mx, &mut w.resp, &mut w.lq[..rows]);
+            }
+            (None, None) => prior::normal_forward(zk, &mut w.lq[..rows], z),
+            (Some(off), _) => {
                 let kz = self.cfg.prior_components * z;
                 prior::mixture_prepare(&th[off + kz..off + 2 * kz], &mut w.pinv, &mut w.plv, z);
-                let mx = self.mixture(th, &w.pinv, &w.plv);
+                let mx = self.mixture(&th[off..off + kz], &w.pinv, &w.plv);
                 prior::mixture_forward(zk, &mx, &mut w.resp, &mut w.lq[..rows]);
             }
         }
@@ -327,6 +447,14 @@ impl Net {
                 Box::new(move |i| off + kz + i),
             ));
         }
+        if let Some(off) = self.vamp {
+            let shape = vec![self.cfg.prior_components, self.dim];
+            v.push((
+                "prior.pseudo_inputs".into(),
+                shape,
+                Box::new(move |i| off + i),
+            ));
+        }
         if let Some(off) = self.global_flows {
             for k in 0..self.cfg.flows {
                 let o = off + k * (2 * z + 1);
@@ -393,6 +521,9 @@ impl Net {
             let kz = self.cfg.prior_components * z;
             v.extend([one(o, kz), one(o + kz, kz)]);
         }
+        if let Some(o) = self.vamp {
+            v.push(one(o, self.cfg.prior_components * self.dim));
+        }
         if let Some(off) = self.global_flows {
             for k in 0..self.cfg.flows {
                 let o = off + k * (2 * z + 1);
@@ -437,6 +568,16 @@ impl Net {
 
 /// A checkpoint tensor's name, shape, and where its k-th element (row-major) lives in a buffer.
 type Placed = (String, Vec<usize>, Box<dyn Fn(usize) -> usize>);
+
+/// The VampPrior's share of the encoder's and head's gradient (computed at the pseudo-inputs)
+/// added to the data's in `g[lo..hi]`, before that range's Adam step.
+fn add_pseudo_grad(pw: &Option<PseudoWork>, g: &mut [f32], lo: usize, hi: usize) {
+    if let Some(pw) = pw {
+        for (a, b) in g[lo..hi].iter_mut().zip(&pw.grad[lo..hi]) {
+            *a += b;
+        }
+    }
+}
 
 /// The flows' kept values, all steps end to end: u^ (K, n, Z), m (K, n), tanh and det (K, rows);
 /// and the backward's two Z-wide sums.
@@ -528,6 +669,27 @@ pub struct Work {
     lv: Vec<f32>,
     inv: Vec<f32>,
     g_lv2: Vec<f32>,
+    /// The VampPrior: the encoder's pass over the pseudo-inputs.
+    pw: Option<PseudoWork>,
+}
+
+/// The VampPrior's buffers, K pseudo-inputs: the clipped inputs (K, D), the encoder's
+/// pre-activations and activations, the head's output (K, Hc, bias added), the components'
+/// means and clipped log-variances (K, Z) and their gradients, the head's gradient, two scratch
+/// buffers, and the encoder's and head's share of the parameter gradient (up to the head's end).
+struct PseudoWork {
+    x: Vec<f32>,
+    enc_a: Vec<Vec<f32>>,
+    enc_h: Vec<Vec<f32>>,
+    hd: Vec<f32>,
+    mean: Vec<f32>,
+    logv: Vec<f32>,
+    gm: Vec<f32>,
+    gl: Vec<f32>,
+    d_hd: Vec<f32>,
+    d1: Vec<f32>,
+    d2: Vec<f32>,
+    grad: Vec<f32>,
 }
 
 impl Work {
@@ -571,9 +733,48 @@ impl Work {
             d_hd: vec![0.0; cap * net.hc()],
             keep: Vec::with_capacity(rows),
             zc: vec![0.0; rows * z],
-            pinv: vec![0.0; net.prior.map_or(0, |_| cfg.prior_components * z)],
-            plv: vec![0.0; net.prior.map_or(0, |_| cfg.prior_components)],
-            resp: vec![0.0; net.prior.map_or(0, |_| rows * cfg.prior_components)],
+            pinv: vec![
+                0.0;
+                if net.has_mixture() {
+                    cfg.prior_components * z
+                } else {
+                    0
+                }
+            ],
+            plv: vec![
+                0.0;
+                if net.has_mixture() {
+                    cfg.prior_components
+                } else {
+                    0
+                }
+            ],
+            resp: vec![
+                0.0;
+                if net.has_mixture() {
+                    rows * cfg.prior_components
+                } else {
+                    0
+                }
+            ],
+            pw: net.vamp.map(|_| {
+                let k = cfg.prior_components;
+                let wd = widest.max(net.hc()).max(dim);
+                PseudoWork {
+                    x: vec![0.0; k * dim],
+                    enc_a: vecs(k, &mut cfg.hidden.iter().map(|h| wide * h)),
+                    enc_h: vecs(k, &mut cfg.hidden.iter().copied()),
+                    hd: vec![0.0; k * net.hc()],
+                    mean: vec![0.0; k * z],
+                    logv: vec![0.0; k * z],
+                    gm: vec![0.0; k * z],
+                    gl: vec![0.0; k * z],
+                    d_hd: vec![0.0; k * net.hc()],
+                    d1: vec![0.0; k * wd],
+                    d2: vec![0.0; k * wd],
+                    grad: vec![0.0; net.head.end()],
+                }
+            }),
             lv: vec![0.0; dim],
             inv: vec![0.0; dim],
             g_lv2: vec![0.0; dim],
@@ -902,12 +1103,26 @@ impl Fused {
                 // d1 holds dz_K (B S, Z); log q - log p's -log p(z_K) = |z_K|^2 / 2 adds cq z_K.
                 if use_cq {
                     let zk = &w.zs[flows][..rows * z];
-                    match net.prior {
-                        None => prior::normal_backward(zk, &w.cq, &mut w.d1, z),
-                        Some(off) => {
+                    match (net.prior, w.pw.as_mut()) {
+                        (None, Some(pw)) => {
+                            let mx = net.mixture(&pw.mean, &w.pinv, &w.plv);
+                            let (gm, gl) = (&mut pw.gm, &mut pw.gl);
+                            prior::mixture_backward(zk, &mx, &w.resp, &w.cq, &mut w.d1, gm, gl);
+                            net.pseudo_backward(th, pw, st.g, w.par);
+                            let off = net.vamp.unwrap_or(0);
+                            adam_range(
+                                &adam,
+                                th,
+                                st,
+                                off,
+                                off + net.cfg.prior_components * net.dim,
+                            );
+                        }
+                        (None, None) => prior::normal_backward(zk, &w.cq, &mut w.d1, z),
+                        (Some(off), _) => {
                             let kz = net.cfg.prior_components * z;
-                            let mx = net.mixture(th, &w.pinv, &w.plv);
                             let (gm, gl) = st.g[off..off + 2 * kz].split_at_mut(kz);
+                            let mx = net.mixture(&th[off..off + kz], &w.pinv, &w.plv);
                             prior::mixture_backward(zk, &mx, &w.resp, &w.cq, &mut w.d1, gm, gl);
                             adam_range(&adam, th, st, off, off + 2 * kz);
                         }
@@ -955,6 +1170,9 @@ impl Fused {
                 let top = &w.enc_h[net.enc.len() - 1];
                 linear::linear_backward(st.g, Some(&mut w.d2), top, &w.d_hd, th, net.head, b, true);
                 std::mem::swap(&mut w.d1, &mut w.d2);
+                if use_cq {
+                    add_pseudo_grad(&w.pw, st.g, net.head.w, net.head.end());
+                }
                 adam_range(&adam, th, st, net.head.w, net.head.end());
             },
         );
@@ -980,6 +1198,9 @@ impl Fused {
                 act,
                 true,
             );
+            if use_cq {
+                add_pseudo_grad(&w.pw, st.g, l.w, l.end());
+            }
             adam_range(&adam, th, &mut st, l.w, l.end());
         }
         self.theta = theta;

@@ -7,6 +7,9 @@
 //!   lv_k): log p(z) = logsumexp_k c_k - ln K, c_k = -1/2 sum_j ((z_j - m_kj)^2 e^-lv_kj + lv_kj);
 //!   with responsibilities r_k = softmax_k c_k, d log p/dz = -sum_k r_k (z - m_k) e^-lv_k,
 //!   d/dm_k = r_k (z - m_k) e^-lv_k, d/dlv_kj = r_k ((z_j - m_kj)^2 e^-lv_kj - 1) / 2.
+//! - The VampPrior (Tomczak & Welling 2018) is that mixture with m_k, lv_k = q(z|u_k) of the
+//!   encoder at pseudo-inputs u_k; `Net::pseudo_forward` / `pseudo_backward` (mod.rs) carry
+//!   them to and from the encoder.
 
 use super::math::{exp_f32, simd};
 

@@ -42,6 +42,11 @@ fn fixture(
         if k.starts_with("flow.") {
             *t = (t.clone() * 4.0).unwrap();
         }
+        // Pseudo-inputs start N(0.05, 0.01^2); spread them to N(0.5, 0.6^2) so that some lie
+        // outside the clip to [0, 1], where no gradient may reach them.
+        if k == "prior.pseudo_inputs" {
+            *t = t.affine(60.0, 0.5 - 0.05 * 60.0).unwrap();
+        }
     }
     let x: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
     let eps: Vec<f32> = (0..b * s * cfg.latent)
@@ -293,6 +298,37 @@ fn mixture_prior() {
 }
 
 #[test]
+fn vamp_prior() {
+    use crate::config::Prior;
+    // Pseudo-inputs start N(0.05, 0.01^2) (inside the clip); the fixture's may fall outside
+    // [0, 1] too, where no gradient reaches them.
+    let vamp = ModelConfig {
+        prior: Prior::Vamp,
+        prior_components: 4,
+        ..small(vec![7], 3)
+    };
+    check(vamp.clone());
+    check_with(vamp.clone(), 1, 1, 0.3, false);
+    check_with(vamp.clone(), 2, 1, 1.0, false);
+    check_with(vamp.clone(), 1, 3, 1.0, false);
+    check(ModelConfig {
+        activation: crate::config::Activation::Gated,
+        logvar_min: Some(-1.0),
+        logvar_max: Some(0.5),
+        ..ModelConfig {
+            hidden: vec![6, 5],
+            ..vamp.clone()
+        }
+    });
+    check(ModelConfig {
+        activation: crate::config::Activation::Gated,
+        logvar_min: Some(-0.05),
+        logvar_max: Some(0.05),
+        ..vamp
+    });
+}
+
+#[test]
 fn autoencoder() {
     check(ModelConfig {
         kind: ModelKind::Ae,
@@ -379,6 +415,11 @@ fn iw_estimate_matches_candle_log_weights() {
         },
         ModelConfig {
             prior: crate::config::Prior::Mog,
+            prior_components: 3,
+            ..small(vec![7], 3)
+        },
+        ModelConfig {
+            prior: crate::config::Prior::Vamp,
             prior_components: 3,
             ..small(vec![7], 3)
         },
