@@ -481,8 +481,11 @@ impl Config {
             }
         }
         if let Some(s) = &self.data.source {
-            if !["hub:mnist", "hub:fashion-mnist"].contains(&s.as_str()) {
-                bail!("key `data.source`: {s:?}; use \"hub:mnist\" or \"hub:fashion-mnist\" (or leave it out to read `data.dir`)");
+            if !crate::data::HUB_SOURCES.contains(&s.as_str()) {
+                bail!(
+                    "key `data.source`: {s:?}; use one of {:?} (or leave it out to read `data.dir`)",
+                    crate::data::HUB_SOURCES
+                );
             }
         }
         let f = self.data.test_fraction;

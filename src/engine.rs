@@ -264,17 +264,20 @@ impl Engine {
     }
 
     /// A candle model of the current parameters on `dev`, for evaluation.
-    pub fn eval_model(&self, cfg: &Config, dim: usize, dev: &Device) -> Result<Vae> {
+    /// A candle model of the current parameters on `dev`, with the tensors it was built from.
+    pub fn eval_model(
+        &self,
+        cfg: &Config,
+        dim: usize,
+        dev: &Device,
+    ) -> Result<(Vae, HashMap<String, Tensor>)> {
         let params = self.params()?;
         let params = params
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_device(dev)?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        Ok(Vae::new(
-            &cfg.model,
-            dim,
-            VarBuilder::from_tensors(params, DType::F32, dev),
-        )?)
+        let vb = VarBuilder::from_tensors(params.clone(), DType::F32, dev);
+        Ok((Vae::new(&cfg.model, dim, vb)?, params))
     }
 }
 

@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// Salts that give evaluation and test binarization their own streams of the one seed.
@@ -166,6 +167,10 @@ pub struct Loaded {
     pub cfg: Config,
     pub state: State,
     pub model: Vae,
+    /// The checkpoint's tensors the model was built from (on `dev`), for the code that reads
+    /// them directly: the fused IW estimate and `vae explore`. Read once, so a run still
+    /// training cannot hand the two a different epoch.
+    pub params: HashMap<String, Tensor>,
     pub dev: Device,
 }
 
@@ -208,7 +213,7 @@ pub fn open(run_arg: Option<&str>, device: Option<&str>) -> Result<Loaded> {
     run::check_model_unchanged(&dir, &state, &cfg)?;
     let dim = state.rows * state.cols * state.channels;
     model::check_params(&params, &cfg.model, dim, &path.display().to_string())?;
-    let vb = VarBuilder::from_tensors(params, DType::F32, &dev);
+    let vb = VarBuilder::from_tensors(params.clone(), DType::F32, &dev);
     let model = Vae::new(&cfg.model, dim, vb)
         .with_context(|| format!("{}: building the model", path.display()))?;
     Ok(Loaded {
@@ -216,6 +221,7 @@ pub fn open(run_arg: Option<&str>, device: Option<&str>) -> Result<Loaded> {
         cfg,
         state,
         model,
+        params,
         dev,
     })
 }
@@ -244,13 +250,12 @@ pub fn run_eval(
         let t0 = std::time::Instant::now();
         let v = if matches!(l.dev, Device::Cpu) {
             // The fused forward, one worker per group of images.
-            let params = run::load_tensors(&l.dir.join(run::MODEL_FILE), &Device::Cpu)?;
             let px = test_pixels(&l.cfg, &test);
             let bar = progress_bar(test.n as u64, "IW estimate");
             let per = crate::step::iw::neg_log_likelihood(
                 &l.cfg.model,
                 l.dim(),
-                &params,
+                &l.params,
                 &px,
                 iw,
                 l.cfg.seed,

@@ -23,7 +23,6 @@ use crate::eval::{self, Loaded};
 use crate::picture::Output;
 use crate::pictures;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use serde_json::json;
 
 /// The page; `explore` puts the data in place of `DATA_MARKER`.
@@ -90,9 +89,8 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
     let test = l.test_split(limit)?;
     let px = eval::test_pixels(&l.cfg, &test);
     let codes = pictures::encode_means(l, &px)?;
-    let params = crate::run::load_tensors(&l.dir.join(crate::run::MODEL_FILE), &Device::Cpu)?;
     let get = |name: &str| -> Result<Vec<f32>> {
-        params
+        l.params
             .get(name)
             .with_context(|| format!("{}: no tensor {name}", l.dir.display()))?
             .flatten_all()?
@@ -150,9 +148,6 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
     });
     // JSON inside a <script> element: "</" would end it early, so it is written "<\/".
     let text = serde_json::to_string(&data)?.replace("</", "<\\/");
-    if !PAGE.contains(DATA_MARKER) {
-        bail!("explore.html lost its data marker");
-    }
     Ok(PAGE.replacen(DATA_MARKER, &text, 1))
 }
 
@@ -174,6 +169,11 @@ pub fn explore(l: &Loaded, limit: usize, precision: Precision, out: &Output) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_page_has_one_place_for_its_data() {
+        assert_eq!(PAGE.matches(DATA_MARKER).count(), 1);
+    }
 
     #[test]
     fn base64_matches_rfc4648_vectors() {

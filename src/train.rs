@@ -253,7 +253,7 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
 fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
     let mut s = Session::open(cfg, opts, start)?;
     if s.done == 0 {
-        let m0 = s.model()?;
+        let (m0, _) = s.model()?;
         let row0 = EpochRow {
             epoch: 0,
             step: 0,
@@ -409,8 +409,9 @@ impl<'a> Session<'a> {
         })
     }
 
-    /// A candle model of the current parameters, built once per evaluation point.
-    fn model(&self) -> Result<Vae> {
+    /// A candle model of the current parameters and its tensors, built once per evaluation
+    /// point.
+    fn model(&self) -> Result<(Vae, HashMap<String, Tensor>)> {
         self.engine.eval_model(self.cfg, self.dim, &self.dev)
     }
 
@@ -554,7 +555,7 @@ impl<'a> Session<'a> {
     fn end_epoch(&mut self, epoch: usize, train: Totals, seconds: f64) -> Result<bool> {
         let cfg = self.cfg;
         let every = cfg.train.eval_every;
-        let model = self.model()?;
+        let (model, params) = self.model()?;
         let test = if epoch.is_multiple_of(every) || epoch == cfg.train.epochs {
             Some(self.evaluate(&model)?)
         } else {
@@ -610,6 +611,7 @@ impl<'a> Session<'a> {
                 cfg: cfg.clone(),
                 state,
                 model,
+                params,
                 dev: self.dev.clone(),
             };
             pictures::epoch_pictures(

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[test]
 fn tiny_train_writes_checkpoint_and_learns() {
@@ -299,28 +299,31 @@ fn validation_split_keeps_the_best_epoch_and_stops_early() {
     );
 }
 
+/// A tiny run with `model.prior = prior` of `k` components in `dir`: its metrics rows, and the
+/// -ELBO and IW estimate (K = 20) of its first 50 test images.
+fn prior_run(dir: &Path, prior: &str, k: &str) -> (PathBuf, Vec<Vec<String>>, f64, f64) {
+    let (p, c) = (
+        format!("model.prior={prior}"),
+        format!("model.prior_components={k}"),
+    );
+    let run = tiny(dir, &["--set", &p, "--set", &c]);
+    let m = metrics(&run);
+    let out = ok(dir, &["eval", "--json", "--iw", "20", "--limit", "50"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let (elbo, iw) = (
+        v["neg_elbo"].as_f64().unwrap(),
+        v["iw_nll"].as_f64().unwrap(),
+    );
+    (run, m, elbo, iw)
+}
+
 /// A mixture prior trains on the fused step, and eval --iw, sample and manifold use it.
 #[test]
 fn mixture_prior_trains_evaluates_and_draws() {
     let t = tempfile::tempdir().unwrap();
-    let run = tiny(
-        t.path(),
-        &[
-            "--set",
-            "model.prior=mog",
-            "--set",
-            "model.prior_components=3",
-        ],
-    );
-    let m = metrics(&run);
+    let (_, m, elbo, iw) = prior_run(t.path(), "mog", "3");
     let (untrained, trained): (f64, f64) = (m[0][5].parse().unwrap(), m[2][5].parse().unwrap());
     assert!(trained < 0.8 * untrained, "{trained} vs {untrained}");
-    let out = ok(t.path(), &["eval", "--json", "--iw", "20", "--limit", "50"]);
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let (iw, elbo) = (
-        v["iw_nll"].as_f64().unwrap(),
-        v["neg_elbo"].as_f64().unwrap(),
-    );
     assert!(iw.is_finite() && iw < elbo + 5.0, "IW {iw} vs -ELBO {elbo}");
     for cmd in [["sample", "-o", "s.png"], ["manifold", "-o", "m.png"]] {
         ok(t.path(), &cmd);
@@ -355,27 +358,12 @@ fn eval_every_skips_test_epochs() {
 #[test]
 fn vamp_prior_trains_evaluates_and_samples() {
     let t = tempfile::tempdir().unwrap();
-    let run = tiny(
-        t.path(),
-        &[
-            "--set",
-            "model.prior=vamp",
-            "--set",
-            "model.prior_components=20",
-        ],
-    );
-    let m = metrics(&run);
+    let (run, m, elbo, iw) = prior_run(t.path(), "vamp", "20");
     // Test -ELBO before training and after two epochs.
     let first: f64 = m[0][5].parse().unwrap();
     let last: f64 = m[2][5].parse().unwrap();
     assert!(last.is_finite() && last < first, "{m:?}");
-    let out = ok(t.path(), &["eval", "--json", "--iw", "20", "--limit", "50"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let (elbo, iw) = (
-        v["neg_elbo"].as_f64().unwrap(),
-        v["iw_nll"].as_f64().unwrap(),
-    );
-    assert!(iw.is_finite() && iw < elbo + 1.0, "{out}");
+    assert!(iw.is_finite() && iw < elbo + 1.0, "IW {iw} vs -ELBO {elbo}");
     assert!(png_size(&ok_bytes(t.path(), &["sample", "-n", "4"])).0 > 0);
     assert!(png_size(&ok_bytes(t.path(), &["manifold"])).0 > 0);
     // The checkpoint holds the pseudo-inputs; flows are refused by name.

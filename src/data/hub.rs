@@ -57,11 +57,6 @@ const SETS: &[HubSet] = &[
     },
 ];
 
-/// The names `data.source` accepts.
-pub fn sources() -> Vec<&'static str> {
-    SETS.iter().map(|s| s.source).collect()
-}
-
 /// The Hugging Face cache directory, in hf-hub's order of environment variables.
 pub fn cache_dir() -> PathBuf {
     let var = |k: &str| {
@@ -165,10 +160,12 @@ fn split(
 
 /// Loads `source` ("hub:mnist" or "hub:fashion-mnist") from the local Hugging Face cache.
 pub fn load(source: &str) -> Result<Dataset> {
-    let set = SETS
-        .iter()
-        .find(|s| s.source == source)
-        .ok_or_else(|| anyhow!("key `data.source`: {source:?}; use one of {:?}", sources()))?;
+    let set = SETS.iter().find(|s| s.source == source).ok_or_else(|| {
+        anyhow!(
+            "key `data.source`: {source:?}; use one of {:?}",
+            super::HUB_SOURCES
+        )
+    })?;
     let cache = cache_dir();
     let (train_file, test_file) = cached(set, &cache)?;
     let ds = load_quietly(set).with_context(|| {

@@ -24,6 +24,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
+/// The values `data.source` takes (read with the cargo feature `hub`).
+pub const HUB_SOURCES: [&str; 2] = ["hub:mnist", "hub:fashion-mnist"];
+
 /// The seed of the train/test draw for data without a split of its own. It is fixed, not the run's
 /// seed, so runs with different seeds are scored on the same test images.
 const SPLIT_SEED: u64 = 0x0073_706c_6974; // "split"
@@ -51,18 +54,14 @@ impl Split {
 
     /// No images, in the shape of `other`.
     pub fn empty_like(other: &Split) -> Split {
-        other.clone_meta()
-    }
-
-    fn clone_meta(&self) -> Split {
         Split {
             images: Vec::new(),
             labels: Vec::new(),
             n: 0,
-            rows: self.rows,
-            cols: self.cols,
-            channels: self.channels,
-            classes: self.classes.clone(),
+            rows: other.rows,
+            cols: other.cols,
+            channels: other.channels,
+            classes: other.classes.clone(),
         }
     }
 
@@ -78,7 +77,7 @@ impl Split {
             images,
             labels,
             n: taken,
-            ..self.clone_meta()
+            ..Split::empty_like(self)
         }
     }
 
@@ -171,23 +170,13 @@ pub fn resolve(dir: &str) -> Result<PathBuf> {
 /// left empty), keeping the first `limit` / `test_limit` images (0 = all).
 fn read(cfg: &DataConfig, shape: Shape, test_only: bool) -> Result<Dataset> {
     if let Some(source) = &cfg.source {
-        let mut ds = from_hub(source)?;
-        if shape.channels == Some(3) || shape.resize.is_some() {
-            ds.train = reshape(ds.train, shape)?;
-            ds.test = reshape(ds.test, shape)?;
-        }
-        return Ok(ds);
+        return reshape(from_hub(source)?, shape);
     }
     let p = resolve(&cfg.dir)?;
     let ds = if p.is_file() {
         array::load(&p, shape, test_only)?
     } else if idx::is_idx_dir(&p) {
-        let mut ds = idx::load(&p, test_only)?;
-        if shape.channels == Some(3) || shape.resize.is_some() {
-            ds.train = reshape(ds.train, shape)?;
-            ds.test = reshape(ds.test, shape)?;
-        }
-        ds
+        reshape(idx::load(&p, test_only)?, shape)?
     } else {
         folder::load(&p, shape, test_only)?
     };
@@ -234,8 +223,17 @@ fn from_hub(source: &str) -> Result<Dataset> {
     )
 }
 
-/// Grey images (MNIST-format files) resized or widened to RGB as `shape` asks.
-fn reshape(s: Split, shape: Shape) -> Result<Split> {
+/// The grey images of MNIST-format data (files or the hub) resized or widened to RGB as
+/// `shape` asks; as they are when it asks for neither.
+fn reshape(mut ds: Dataset, shape: Shape) -> Result<Dataset> {
+    if shape.channels == Some(3) || shape.resize.is_some() {
+        ds.train = reshape_split(ds.train, shape)?;
+        ds.test = reshape_split(ds.test, shape)?;
+    }
+    Ok(ds)
+}
+
+fn reshape_split(s: Split, shape: Shape) -> Result<Split> {
     let mut b = Builder::new(shape);
     b.reserve(s.n, s.rows, s.cols);
     for (k, img) in s.images.chunks_exact(s.dim().max(1)).enumerate() {
@@ -331,22 +329,30 @@ impl Builder {
             _ => {}
         }
         let img = over_black(img);
-        if self.shape.channels.is_none() && self.channels == 1 && has_colour(&img) {
-            self.widen();
-        }
-        if self.channels == 3 {
-            self.buf.extend_from_slice(img.to_rgb8().as_raw());
-        } else if img.color().has_color() {
-            // Colour with no channel count asked for holds only grey pixels here (r = g = b):
-            // keep one channel as it is. Asked for grey (`data.channels = 1`): luma.
-            if self.shape.channels == Some(1) {
-                self.buf.extend_from_slice(img.to_luma8().as_raw());
+        if !img.color().has_color() {
+            // Grey: repeated into RGB when the buffer is colour, as it is when grey.
+            let luma = img.to_luma8();
+            if self.channels == 3 {
+                self.buf.extend(luma.as_raw().iter().flat_map(|&v| [v; 3]));
             } else {
-                self.buf
-                    .extend(img.to_rgb8().as_raw().chunks_exact(3).map(|p| p[0]));
+                self.buf.extend_from_slice(luma.as_raw());
             }
-        } else {
+        } else if self.shape.channels == Some(1) {
+            // Colour asked to be grey (`data.channels = 1`): luma.
             self.buf.extend_from_slice(img.to_luma8().as_raw());
+        } else {
+            let rgb = img.to_rgb8();
+            let colour = rgb.pixels().any(|p| p.0[0] != p.0[1] || p.0[1] != p.0[2]);
+            if colour && self.channels == 1 {
+                self.widen();
+            }
+            if self.channels == 3 {
+                self.buf.extend_from_slice(rgb.as_raw());
+            } else {
+                // Colour with no channel count asked for, all its pixels grey (r = g = b):
+                // one channel as it is.
+                self.buf.extend(rgb.as_raw().chunks_exact(3).map(|p| p[0]));
+            }
         }
         self.n += 1;
         Ok(())
@@ -413,15 +419,6 @@ fn over_black(img: DynamicImage) -> DynamicImage {
     } else {
         DynamicImage::ImageLuma8(DynamicImage::ImageRgb8(rgb).to_luma8())
     }
-}
-
-/// Whether any pixel of `img` has colour (r, g, b not all equal).
-fn has_colour(img: &DynamicImage) -> bool {
-    img.color().has_color()
-        && img
-            .to_rgb8()
-            .pixels()
-            .any(|p| p.0[0] != p.0[1] || p.0[1] != p.0[2])
 }
 
 /// Splits the builder's images, in the order pushed, into the first `n_train` and the rest.

@@ -21,6 +21,20 @@ pub struct Dims {
     pub lv_max: f32,
 }
 
+impl Dims {
+    /// The head's raw log-variance clipped to [lv_min, lv_max].
+    #[inline(always)]
+    pub fn clip_logvar(&self, raw: f32) -> f32 {
+        raw.clamp(self.lv_min, self.lv_max)
+    }
+
+    /// 1 where the gradient passes the clip (strictly inside it), else 0.
+    #[inline(always)]
+    pub fn logvar_open(&self, raw: f32) -> f32 {
+        (raw > self.lv_min && raw < self.lv_max) as u8 as f32
+    }
+}
+
 /// Forward. Adds the head bias `hb` (Hc) to every row of `hd` (B, Hc); then per image
 /// sigma = exp(logvar / 2) into `sigma` (B, Z), and per sample z = mu + sigma eps into `z`
 /// (B S, Z) and lq = -1/2 sum_j (eps_j^2 + logvar_j) into `lq` (B S): log q(z|x) without its
@@ -38,14 +52,7 @@ pub fn gaussian_forward(
     kl_dim: &mut [f32],
     d: Dims,
 ) -> f64 {
-    let Dims {
-        b,
-        s,
-        z,
-        hc,
-        lv_min,
-        lv_max,
-    } = d;
+    let Dims { b, s, z, hc, .. } = d;
     simd!({
         let mut kl = 0f64;
         kl_dim.fill(0.0);
@@ -57,7 +64,7 @@ pub fn gaussian_forward(
             let mut acc = 0f32;
             let mut lv_sum = 0f32;
             for j in 0..z {
-                let (mu, lv) = (row[j], row[z + j].clamp(lv_min, lv_max));
+                let (mu, lv) = (row[j], d.clip_logvar(row[z + j]));
                 let sd = exp_f32(0.5 * lv);
                 sigma[r * z + j] = sd;
                 let k = mu * mu + sd * sd - lv - 1.0;
@@ -97,14 +104,7 @@ pub fn gaussian_backward(
     ckl: &[f32],
     d: Dims,
 ) {
-    let Dims {
-        b,
-        s,
-        z,
-        hc,
-        lv_min,
-        lv_max,
-    } = d;
+    let Dims { b, s, z, hc, .. } = d;
     simd!({
         for r in 0..b {
             let q: f32 = cq.map_or(0.0, |c| c[r * s..(r + 1) * s].iter().sum());
@@ -118,8 +118,7 @@ pub fn gaussian_backward(
                 let c = ckl[j];
                 d_hd[r * hc + j] = gm + c * mu;
                 // The clip passes no gradient where it holds.
-                let raw = hd[r * hc + z + j];
-                let open = (raw > lv_min && raw < lv_max) as u8 as f32;
+                let open = d.logvar_open(hd[r * hc + z + j]);
                 d_hd[r * hc + z + j] = open * (0.5 * ge * sd - 0.5 * q + c * 0.5 * (sd * sd - 1.0));
             }
         }

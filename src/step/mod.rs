@@ -224,7 +224,7 @@ impl Net {
                 pw.hd[r * hc + j] += hb[j];
                 pw.hd[r * hc + z + j] += hb[z + j];
                 pw.mean[r * z + j] = pw.hd[r * hc + j];
-                pw.logv[r * z + j] = pw.hd[r * hc + z + j].max(dm.lv_min).min(dm.lv_max);
+                pw.logv[r * z + j] = dm.clip_logvar(pw.hd[r * hc + z + j]);
             }
         }
     }
@@ -244,9 +244,7 @@ impl Net {
         for r in 0..k {
             for j in 0..z {
                 pw.d_hd[r * hc + j] = pw.gm[r * z + j];
-                let raw = pw.hd[r * hc + z + j];
-                let inside = raw >= dm.lv_min && raw <= dm.lv_max;
-                pw.d_hd[r * hc + z + j] = if inside { pw.gl[r * z + j] } else { 0.0 };
+                pw.d_hd[r * hc + z + j] = dm.logvar_open(pw.hd[r * hc + z + j]) * pw.gl[r * z + j];
             }
         }
         let top = &pw.enc_h[self.enc.len() - 1];
