@@ -36,12 +36,24 @@ pub const SHIPPED: &[(&str, &str)] = &[
         include_str!("../configs/burda-iwae50.toml"),
     ),
     (
+        "burda-iwae5-short.toml",
+        include_str!("../configs/burda-iwae5-short.toml"),
+    ),
+    (
+        "burda-iwae50-short.toml",
+        include_str!("../configs/burda-iwae50-short.toml"),
+    ),
+    (
         "vamp-standard.toml",
         include_str!("../configs/vamp-standard.toml"),
     ),
     (
         "vamp-prior.toml",
         include_str!("../configs/vamp-prior.toml"),
+    ),
+    (
+        "vamp-prior-short.toml",
+        include_str!("../configs/vamp-prior-short.toml"),
     ),
     (
         "planar-flows10.toml",
@@ -632,6 +644,22 @@ mod tests {
             let s = find(n).unwrap();
             resolve(&s, &[]).unwrap();
         }
+    }
+
+    #[test]
+    fn every_config_file_is_shipped() {
+        // A file added to configs/ but not to SHIPPED would not be found by `--config NAME`
+        // outside the source tree.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".toml"))
+            .collect();
+        files.sort();
+        let mut shipped: Vec<String> = SHIPPED.iter().map(|(n, _)| n.to_string()).collect();
+        shipped.sort();
+        assert_eq!(files, shipped);
     }
 
     #[test]

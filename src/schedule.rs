@@ -1,6 +1,7 @@
 //! Learning-rate schedules over epochs (`train.lr_schedule`): constant; Burda, Grosse &
 //! Salakhutdinov's (2015, section 5) lr * 10^(-i/7) for 3^i epochs, i = 0..7 (rounded as their
-//! code rounds it); exponential and
+//! code rounds it; over `train.epochs` other than 3,280 the stages keep their proportions, which
+//! is how the shortened schedules run); exponential and
 //! step decay; and the half-cosine annealing of Loshchilov & Hutter (2017) without restarts.
 //! The rate is set once per epoch, so a resumed run takes the same rates as an unbroken one.
 
@@ -12,12 +13,7 @@ pub fn lr(t: &TrainConfig, epoch: usize) -> f64 {
     match t.lr_schedule {
         LrSchedule::Constant => t.lr,
         LrSchedule::Burda => {
-            // Stage i covers epochs (sum_{j<i} 3^j, sum_{j<=i} 3^j]; past stage 7 it stays.
-            let (mut i, mut end) = (0u32, 1usize);
-            while e > end && i < 7 {
-                i += 1;
-                end += 3usize.pow(i);
-            }
+            let i = burda_stage(e, t.epochs);
             // Their code (yburda/iwae, experiments.py) rounds 10^(1 - i/7) to one decimal:
             // 1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4.
             t.lr * (10f64.powf(1.0 - i as f64 / 7.0) * 10.0).round() / 100.0
@@ -33,6 +29,25 @@ pub fn lr(t: &TrainConfig, epoch: usize) -> f64 {
 
 /// Epochs in Burda et al.'s whole schedule: sum_{i=0}^{7} 3^i.
 pub const BURDA_EPOCHS: usize = 3280;
+
+/// The stage i (0..=7) of Burda et al.'s schedule that epoch `e` (1-based) falls in, with the
+/// eight stages laid over `epochs`: stage i ends at epoch round(sum_{j<=i} 3^j * epochs / 3280),
+/// at least i + 1, so `epochs = 3280` is their schedule exactly (stage i is 3^i epochs) and a
+/// shorter run (a shortened schedule) takes the same eight rates in the same proportions.
+/// Past the last stage the rate stays at the last one.
+fn burda_stage(e: usize, epochs: usize) -> u32 {
+    let epochs = if epochs == 0 { BURDA_EPOCHS } else { epochs };
+    let mut cum = 0usize;
+    for i in 0..7u32 {
+        cum += 3usize.pow(i);
+        // Integer rounding of cum * epochs / 3280 (no float edge cases at the stage ends).
+        let end = ((cum * epochs * 2 + BURDA_EPOCHS) / (2 * BURDA_EPOCHS)).max(i as usize + 1);
+        if e <= end {
+            return i;
+        }
+    }
+    7
+}
 
 #[cfg(test)]
 mod tests {
@@ -53,7 +68,10 @@ mod tests {
     #[test]
     fn hand_values() {
         let close = |a: f64, b: f64| (a - b).abs() < 1e-12 * b.abs().max(1e-12);
-        let b = cfg(LrSchedule::Burda);
+        let b = TrainConfig {
+            epochs: BURDA_EPOCHS,
+            ..cfg(LrSchedule::Burda)
+        };
         // Stage 0: epoch 1; stage 1: epochs 2-4; stage 2: 5-13; ... stage 7 ends at 3280.
         // Rates as their code rounds them: 1e-3, 7.2e-4, 5.2e-4, 3.7e-4, ...
         assert!(close(lr(&b, 1), 1e-3));
@@ -66,6 +84,26 @@ mod tests {
         assert!(close(lr(&b, BURDA_EPOCHS), 1e-4));
         assert!(close(lr(&b, BURDA_EPOCHS + 5), 1e-4));
         assert_eq!((0..=7).map(|i| 3usize.pow(i)).sum::<usize>(), BURDA_EPOCHS);
+        // Their stage ends, 1, 4, 13, 40, 121, 364, 1093: the last epoch of each stage.
+        for (i, end) in [1, 4, 13, 40, 121, 364, 1093].into_iter().enumerate() {
+            assert_eq!(burda_stage(end, BURDA_EPOCHS), i as u32);
+            assert_eq!(burda_stage(end + 1, BURDA_EPOCHS), i as u32 + 1);
+        }
+        // A tenth of the schedule (328 epochs): ends 0.1, 0.4, 1.3, 4, 12.1, 36.4, 109.3 of the
+        // whole, rounded and at least one epoch per stage: 1, 2, 3, 4, 12, 36, 109, then 328.
+        let short: Vec<u32> = [1, 2, 3, 4, 5, 12, 13, 36, 37, 109, 110, 328, 400]
+            .into_iter()
+            .map(|e| burda_stage(e, 328))
+            .collect();
+        assert_eq!(short, [0, 1, 2, 3, 4, 4, 5, 5, 6, 6, 7, 7, 7]);
+        let s = TrainConfig {
+            epochs: 328,
+            ..b.clone()
+        };
+        assert!(close(lr(&s, 109), 1.4e-4) && close(lr(&s, 110), 1e-4));
+        // A third (1,093 epochs): stage ends 0, 1, 4, 13, 40, 121, 364 of the whole, in thirds.
+        assert_eq!(burda_stage(364, 1093), 6);
+        assert_eq!(burda_stage(365, 1093), 7);
         // Exponential halving: 1e-3, 5e-4, 2.5e-4; step: halves after epochs 10 and 20.
         let x = cfg(LrSchedule::Exponential);
         assert!(close(lr(&x, 1), 1e-3) && close(lr(&x, 3), 2.5e-4));
