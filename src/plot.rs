@@ -1,6 +1,6 @@
 //! Plots with axes and text, drawn by plotters on its bitmap backend and encoded as PNG here:
-//! the training curves of a run (-ELBO, reconstruction, KL per epoch, train and test), and the
-//! latent scatter of the test set's posterior means coloured by label.
+//! the training curves of a run (-ELBO, reconstruction, KL per epoch, train, validation and test),
+//! and the latent scatter of the test set's posterior means coloured by label.
 //!
 //! Text uses DejaVu Sans compiled into the binary (assets/, Bitstream Vera licence), so plots
 //! need no system fonts.
@@ -24,13 +24,24 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing the plot: {e:?}")
 }
 
-/// One epoch's figures, as metrics.csv holds them; train values are absent for epoch 0.
+/// One epoch's figures, as metrics.csv holds them: train values are absent for epoch 0, test
+/// values on epochs between `train.eval_every`, validation without `data.valid`.
 #[derive(Debug, Clone, Copy)]
 pub struct Point {
     pub epoch: f64,
     pub train: Option<[f64; 3]>,
-    pub test: [f64; 3],
+    pub test: Option<[f64; 3]>,
+    /// The validation -ELBO.
+    pub valid: Option<f64>,
 }
+
+/// From this many epochs on, the epoch axis is logarithmic: a long run's first epochs (where the
+/// loss falls by tens of nats) and its stepped learning-rate stages (Burda et al.'s are 3^i
+/// epochs long) then share the width, instead of the first hundred epochs taking a sliver.
+const LOG_EPOCHS: f64 = 100.0;
+
+/// Above this many points a series is drawn as a line without a dot per epoch.
+const DOTS_MAX: usize = 60;
 
 /// Three panels, -ELBO, reconstruction and KL against epoch, train and test; PNG bytes.
 pub fn curves(points: &[Point], title: &str) -> Result<Vec<u8>> {
@@ -54,9 +65,14 @@ pub fn curves(points: &[Point], title: &str) -> Result<Vec<u8>> {
             } else {
                 points.iter().collect()
             };
+            let valid_k = |p: &Point| if k == 0 { p.valid } else { None };
             let vals: Vec<f64> = shown
                 .iter()
-                .flat_map(|p| std::iter::once(p.test[k]).chain(p.train.map(|t| t[k])))
+                .flat_map(|p| {
+                    [p.test.map(|t| t[k]), p.train.map(|t| t[k]), valid_k(p)]
+                        .into_iter()
+                        .flatten()
+                })
                 .filter(|v| v.is_finite())
                 .collect();
             let (lo, hi) = vals
@@ -65,6 +81,14 @@ pub fn curves(points: &[Point], title: &str) -> Result<Vec<u8>> {
             let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 1.0) };
             let pad = ((hi - lo) * 0.08).max(0.5);
             let (x0, x1) = epoch_range(&shown);
+            // A log axis plots log10(epoch) on a linear one and labels its ticks as epochs.
+            let log_x = x1 - 0.5 >= LOG_EPOCHS;
+            let tx = |e: f64| if log_x { e.log10() } else { e };
+            let (x0, x1) = if log_x {
+                (tx(x0 + 0.5) - 0.03, tx(x1 - 0.5) + 0.03)
+            } else {
+                (x0, x1)
+            };
             let mut chart = ChartBuilder::on(area)
                 .margin(12)
                 .caption(names[k], ("sans-serif", 17))
@@ -74,24 +98,42 @@ pub fn curves(points: &[Point], title: &str) -> Result<Vec<u8>> {
                 .map_err(err)?;
             chart
                 .configure_mesh()
-                .x_desc("epoch")
-                .x_labels(((x1 - x0).ceil() as usize + 1).clamp(2, 12))
-                .x_label_formatter(&|x| epoch_label(*x))
+                .x_desc(if log_x { "epoch (log scale)" } else { "epoch" })
+                .x_labels(if log_x {
+                    10
+                } else {
+                    ((x1 - x0).ceil() as usize + 1).clamp(2, 12)
+                })
+                .x_label_formatter(&|x| {
+                    if log_x {
+                        format!("{:.0}", 10f64.powf(*x))
+                    } else {
+                        epoch_label(*x)
+                    }
+                })
                 .y_label_formatter(&|y| format!("{y:.1}"))
                 .label_style(("sans-serif", 13))
                 .axis_desc_style(("sans-serif", 14))
                 .light_line_style(RGBColor(235, 235, 235))
                 .draw()
                 .map_err(err)?;
-            let train: Vec<(f64, f64)> = shown
-                .iter()
-                .filter_map(|p| p.train.map(|t| (p.epoch, t[k])))
-                .collect();
-            let test: Vec<(f64, f64)> = shown.iter().map(|p| (p.epoch, p.test[k])).collect();
+            let series = |f: &dyn Fn(&Point) -> Option<f64>| -> Vec<(f64, f64)> {
+                shown
+                    .iter()
+                    .filter_map(|p| f(p).map(|v| (tx(p.epoch), v)))
+                    .collect()
+            };
+            let train = series(&|p| p.train.map(|t| t[k]));
+            let valid = series(&valid_k);
+            let test = series(&|p| p.test.map(|t| t[k]));
             for (label, points, colour) in [
                 ("train", train, RGBColor(31, 119, 180)),
+                ("validation", valid, RGBColor(44, 160, 44)),
                 ("test", test, RGBColor(255, 127, 14)),
             ] {
+                if points.is_empty() {
+                    continue;
+                }
                 chart
                     .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
                     .map_err(err)?
@@ -99,12 +141,16 @@ pub fn curves(points: &[Point], title: &str) -> Result<Vec<u8>> {
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
                     });
-                chart
-                    .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
-                    .map_err(err)?;
+                if points.len() <= DOTS_MAX {
+                    chart
+                        .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                        .map_err(err)?;
+                }
             }
-            // -ELBO and reconstruction fall, KL usually rises: keep the legend off the lines.
-            let corner = if k == 2 {
+            // Keep the legend off the lines' right end: the upper corner where the curves end
+            // low (a falling -ELBO, a KL under warm-up), the lower where they end high (a rising KL).
+            let end = vals.last().copied().unwrap_or(lo);
+            let corner = if end > (lo + hi) / 2.0 {
                 SeriesLabelPosition::LowerRight
             } else {
                 SeriesLabelPosition::UpperRight
@@ -252,22 +298,28 @@ fn epoch_label(x: f64) -> String {
     }
 }
 
-/// Reads a run's metrics.csv into plot points.
+/// Reads a run's metrics.csv into plot points, its columns found by their header names; an
+/// epoch with none of the figures is left out.
 pub fn read_metrics(text: &str) -> Vec<Point> {
-    text.lines()
-        .skip(1)
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    let col = |name: &str| header.iter().position(|h| h.trim() == name);
+    let cols = |names: [&str; 3]| names.map(col);
+    let (epoch, valid) = (col("epoch"), col("valid_nelbo"));
+    let train = cols(["train_nelbo", "train_recon", "train_kl"]);
+    let test = cols(["test_nelbo", "test_recon", "test_kl"]);
+    lines
         .filter_map(|line| {
             let f: Vec<&str> = line.split(',').collect();
-            let num = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok());
-            let train = match (num(2), num(3), num(4)) {
-                (Some(a), Some(b), Some(c)) => Some([a, b, c]),
-                _ => None,
+            let num = |i: Option<usize>| f.get(i?).and_then(|s| s.trim().parse::<f64>().ok());
+            let three = |c: [Option<usize>; 3]| Some([num(c[0])?, num(c[1])?, num(c[2])?]);
+            let p = Point {
+                epoch: num(epoch)?,
+                train: three(train),
+                test: three(test),
+                valid: num(valid),
             };
-            Some(Point {
-                epoch: num(0)?,
-                train,
-                test: [num(5)?, num(6)?, num(7)?],
-            })
+            (p.train.is_some() || p.test.is_some() || p.valid.is_some()).then_some(p)
         })
         .collect()
 }
@@ -285,7 +337,8 @@ mod tests {
         let p = |e: f64| Point {
             epoch: e,
             train: None,
-            test: [1.0, 1.0, 0.0],
+            test: Some([1.0, 1.0, 0.0]),
+            valid: None,
         };
         let (a, b) = (p(1.0), p(2.0));
         assert_eq!(epoch_range(&[&a]), (0.5, 1.5));
@@ -299,9 +352,35 @@ mod tests {
         let pts = read_metrics(csv);
         assert_eq!(pts.len(), 3);
         assert!(pts[0].train.is_none() && pts[1].train == Some([160.0, 150.0, 10.0]));
+        assert!(pts[2].test == Some([115.0, 92.0, 23.0]) && pts[2].valid.is_none());
         let png = curves(&pts, "test").unwrap();
         let img = image::load_from_memory(&png).unwrap();
         assert_eq!((img.width(), img.height()), (1500, 460));
+        // A long run with validation every epoch and the test set every 10th (the log axis).
+        let mut csv = String::from(
+            "epoch,step,train_nelbo,train_recon,train_kl,test_nelbo,test_recon,test_kl,\
+             train_seconds,images_per_s,valid_nelbo\n0,0,,,,200,199,1,0,,201\n",
+        );
+        for e in 1..=300 {
+            let v = 90.0 + 50.0 / e as f64;
+            let test = if e % 10 == 0 {
+                format!("{},{},25", v + 1.0, v - 24.0)
+            } else {
+                ",,".into()
+            };
+            csv += &format!(
+                "{e},{},{v},{},25,{test},1,100,{}\n",
+                e * 10,
+                v - 25.0,
+                v + 1.2
+            );
+        }
+        let pts = read_metrics(&csv);
+        assert_eq!(pts.len(), 301);
+        assert_eq!(pts.iter().filter(|p| p.test.is_some()).count(), 31);
+        assert!(pts[7].test.is_none() && pts[7].valid.is_some() && pts[7].train.is_some());
+        assert!((pts[300].valid.unwrap() - (90.0 + 50.0 / 300.0 + 1.2)).abs() < 1e-9);
+        curves(&pts, "long").unwrap();
         let xy: Vec<(f32, f32)> = (0..100)
             .map(|i| (i as f32 * 0.1, (i % 10) as f32))
             .collect();
