@@ -595,9 +595,18 @@ pub fn epoch_pictures(
     let idx: Vec<usize> = (0..k).collect();
     let png = reconstruction_png(l, test_px, &idx, 8, 1)?;
     crate::run::write_atomic(&dir.join(format!("reconstruction-{epoch:03}.png")), &png)?;
-    let title = format!("{}: -ELBO per example", run_dir.display());
-    let png = plot::curves(&plot::read_metrics(metrics_csv), &title)?;
+    let png = plot::curves(&plot::read_metrics(metrics_csv), &curves_title(run_dir))?;
     crate::run::write_atomic(&run_dir.join(CURVES_FILE), &png)
+}
+
+/// The curves' title: the run directory's own name, not the path it was given (an absolute
+/// path would put the machine's layout into every shipped picture).
+fn curves_title(run_dir: &Path) -> String {
+    let name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| run_dir.display().to_string());
+    format!("{name}: -ELBO per example")
 }
 
 /// `vae curves`: the training curves from the run's metrics.csv.
@@ -610,10 +619,8 @@ pub fn curves(run_dir: &Path, c: &Common) -> Result<()> {
         bail!("{}: no epochs recorded yet", path.display());
     }
     c.output.check()?;
-    c.output.write(&plot::curves(
-        &points,
-        &format!("{}: -ELBO per example", run_dir.display()),
-    )?)?;
+    c.output
+        .write(&plot::curves(&points, &curves_title(run_dir))?)?;
     if let Output::File(p) = &c.output {
         eprintln!("wrote {} ({} epochs)", p.display(), points.len() - 1);
     }
@@ -631,6 +638,16 @@ pub fn fixed_z(seed: u64, n: usize, latent: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn curves_title_names_the_run_not_its_path() {
+        assert_eq!(
+            curves_title(Path::new("/work/long-runs/planar-flows10")),
+            "planar-flows10: -ELBO per example"
+        );
+        assert_eq!(curves_title(Path::new("runs/a/")), "a: -ELBO per example");
+        assert_eq!(curves_title(Path::new("..")), "..: -ELBO per example");
+    }
 
     #[test]
     fn pca_finds_the_axes_of_known_data() {
