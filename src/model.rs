@@ -624,14 +624,16 @@ pub fn logsumexp_rows(x: &Tensor) -> Result<Tensor> {
 pub fn planar(z: &Tensor, u: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
     let wu = (w * u)?.sum_keepdim(1)?;
     let softplus = (wu.relu()? + (wu.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-    let m = (softplus - 1.0)?;
+    let m = (&softplus - 1.0)?;
     let w2 = w.sqr()?.sum_keepdim(1)?;
     let u_hat = (u + w.broadcast_mul(&((m.clone() - &wu)? / w2)?)?)?;
     let a = z.broadcast_mul(w)?.sum_keepdim(1)?.broadcast_add(b)?;
     let h = a.tanh()?;
     let z2 = z.broadcast_add(&u_hat.broadcast_mul(&h)?)?;
-    // w.u^ = m by construction.
-    let det = ((h.sqr()?.neg()? + 1.0)?.broadcast_mul(&m)? + 1.0)?;
+    // w.u^ = m by construction; 1 + (1 - h^2) m written as h^2 + (1 - h^2) softplus(w.u), which
+    // does not cancel to 0 in f32 when w.u << 0 and h ~ 0 (step/planar.rs says more).
+    let h2 = h.sqr()?;
+    let det = (&h2 + (h2.neg()? + 1.0)?.broadcast_mul(&softplus)?)?;
     Ok((z2, det.abs()?.log()?.squeeze(1)?))
 }
 

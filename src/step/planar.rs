@@ -1,7 +1,8 @@
 //! The planar flow step as a layer (Rezende & Mohamed 2015, eq. 10-13):
 //! f(z) = z + u^ tanh(w.z + b), with u^ = u + (m(w.u) - w.u) w / |w|^2, m(a) = softplus(a) - 1,
 //! so that w.u^ = m(w.u) >= -1 and f is invertible (their Appendix A.1), and
-//! log|det df/dz| = log|1 + (1 - tanh^2) m| (eq. 12, using w.u^ = m).
+//! log|det df/dz| = log|1 + (1 - tanh^2) m| (eq. 12, using w.u^ = m), computed as
+//! log(tanh^2 + (1 - tanh^2) softplus(w.u)), the same value without f32 cancellation.
 //!
 //! A step's parameters come per "parameter row": amortized flows read (u, w, b) of image p from
 //! the encoder head's output, shared by that image's S samples; a global flow has one parameter
@@ -51,7 +52,8 @@ pub fn planar_forward(
             let o = p.at(i);
             let (u, w, b) = (&buf[o..o + zd], &buf[o + zd..o + 2 * zd], buf[o + 2 * zd]);
             let (wu, w2) = (dot(w, u), dot(w, w));
-            let m = softplus_and_sigmoid(wu).0 - 1.0;
+            let sp = softplus_and_sigmoid(wu).0;
+            let m = sp - 1.0;
             let coef = (m - wu) / w2;
             let uh = &mut c.uh[i * zd..(i + 1) * zd];
             for j in 0..zd {
@@ -65,7 +67,11 @@ pub fn planar_forward(
                 for j in 0..zd {
                     zo[j] = zi[j] + uh[j] * h;
                 }
-                let det = 1.0 + (1.0 - h * h) * m;
+                // det = 1 + (1 - h^2) m, written as h^2 + (1 - h^2) softplus(w.u): two terms
+                // >= 0, so no cancellation. The first form rounds to exactly 0 in f32 once
+                // w.u < -17 (m = -1) and |h| < 2e-4, where the true det is about 3e-8: a
+                // training run diverged there (log 0) at epoch 181.
+                let det = h * h + (1.0 - h * h) * sp;
                 c.h[r] = h;
                 c.det[r] = det;
                 lq[r] -= det.abs().ln();
@@ -180,5 +186,40 @@ mod tests {
             zo[0].abs() < 1e-7 && (lq[0] + 0.272_513).abs() < 1e-5,
             "{zo:?} {lq:?}"
         );
+    }
+
+    #[test]
+    fn contracting_step_keeps_a_finite_log_det() {
+        // The state where a run diverged, Z = 1: u = -17.8 / w with w = 1, so w.u = -17.8,
+        // m = softplus(-17.8) - 1 = -1 + 1.8602e-8 (-1 in f32), b = -1.2587e-4 and z = 0, so
+        // h = tanh(b) = -1.2587e-4. det = 1 + (1 - h^2) m = h^2 + (1 - h^2) softplus(w.u)
+        // = 1.5843e-8 + 1.8602e-8 = 3.4445e-8, log det = -17.184; the form 1 + (1 - h^2) m
+        // gives 0 in f32 and log det = -inf.
+        let buf = [-17.8f32, 1.0, -1.2587e-4];
+        let p = Params {
+            off: 0,
+            stride: 0,
+            n: 1,
+            per: 1,
+        };
+        let (mut uh, mut m, mut h, mut det, mut lq) = ([0f32], [0f32], [0f32], [0f32], [0f32]);
+        let mut zo = [0f32];
+        planar_forward(
+            &[0.0],
+            &mut zo,
+            &buf,
+            p,
+            1,
+            Cache {
+                uh: &mut uh,
+                m: &mut m,
+                h: &mut h,
+                det: &mut det,
+                sums: &mut [],
+            },
+            &mut lq,
+        );
+        assert!((det[0] / 3.4445e-8 - 1.0).abs() < 2e-3, "{det:?}");
+        assert!((lq[0] - 17.184).abs() < 2e-3, "{lq:?}");
     }
 }
