@@ -8,6 +8,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The values `data.source` takes (read by `data::hub` with the cargo feature `hub`).
+pub const HUB_SOURCES: [&str; 2] = ["hub:mnist", "hub:fashion-mnist"];
+
 /// The configs in `configs/`, embedded so a bare name resolves wherever the binary runs.
 pub const SHIPPED: &[(&str, &str)] = &[
     ("mnist.toml", include_str!("../configs/mnist.toml")),
@@ -493,10 +496,10 @@ impl Config {
             }
         }
         if let Some(s) = &self.data.source {
-            if !crate::data::HUB_SOURCES.contains(&s.as_str()) {
+            if !HUB_SOURCES.contains(&s.as_str()) {
                 bail!(
                     "key `data.source`: {s:?}; use one of {:?} (or leave it out to read `data.dir`)",
-                    crate::data::HUB_SOURCES
+                    HUB_SOURCES
                 );
             }
         }

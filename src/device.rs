@@ -1,5 +1,6 @@
 //! `--device auto|cpu|cuda[:N]`: auto takes GPU 0 when the binary was built with the cargo
-//! feature `cuda` and a GPU answers, else the CPU.
+//! feature `cuda` and a GPU answers, else the CPU. Also the machine's memory probe, which the
+//! data readers and the trainer both ask before they allocate.
 
 use anyhow::{bail, Result};
 use candle_core::Device;
@@ -89,6 +90,14 @@ pub fn describe(d: &Device) -> String {
         Device::Cuda(_) => format!("cuda:{:?}", d.location()),
         other => format!("{:?}", other.location()),
     }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes (Linux); None elsewhere.
+pub fn available_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 
 use crate::config::{Config, EngineKind};
 use crate::data;
-use crate::eval;
 use crate::model::{self, Objective, Vae};
 use crate::optim::{Adam, AdamConfig};
 use crate::step::Fused;
@@ -147,7 +146,7 @@ impl Engine {
                 let dev = x.device();
                 *epoch = Some(EpochDraws {
                     order: Tensor::from_slice(order, order.len(), dev)?,
-                    eps: eval::normal(rng, order.len() * noise_rows_per_image, latent, dev)?,
+                    eps: model::normal(rng, order.len() * noise_rows_per_image, latent, dev)?,
                     at: 0,
                 });
             }
@@ -227,7 +226,7 @@ impl Engine {
                         .lt(&xb)?
                         .to_dtype(DType::F32)?;
                 }
-                let eps = eval::normal(rng, b * o.samples, latent, &dev)?;
+                let eps = model::normal(rng, b * o.samples, latent, &dev)?;
                 Ok(Sums::Device(t.step(&xb, &eps, o)?))
             }
         }

@@ -11,7 +11,6 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -31,19 +30,6 @@ impl Totals {
     pub fn nelbo(&self) -> f64 {
         self.recon + self.kl
     }
-}
-
-/// `n` standard normals from the host RNG as a (rows, cols) tensor on `dev`.
-pub fn normal(
-    rng: &mut StdRng,
-    rows: usize,
-    cols: usize,
-    dev: &Device,
-) -> candle_core::Result<Tensor> {
-    let v: Vec<f32> = (0..rows * cols)
-        .map(|_| StandardNormal.sample(rng))
-        .collect();
-    Tensor::from_vec(v, (rows, cols), dev)
 }
 
 /// The test split's pixels (n * D); binarized once, with a fixed seed, when the config binarizes.
@@ -75,7 +61,7 @@ pub fn evaluate(model: &Vae, x: &Tensor, batch: usize, seed: u64) -> Result<Tota
     while i < n {
         let b = batch.min(n - i);
         let xb = x.narrow(0, i, b)?;
-        let eps = normal(&mut rng, b, model.cfg.latent, x.device())?;
+        let eps = model::normal(&mut rng, b, model.cfg.latent, x.device())?;
         let (r, k) = model.neg_elbo_terms(&xb, &eps)?;
         let s = Tensor::stack(&[r.sum_all()?, k.sum_all()?], 0)?.to_dtype(DType::F64)?;
         sums = Some(match sums {
@@ -123,7 +109,7 @@ pub fn iw_nll(model: &Vae, x: &Tensor, k: usize, seed: u64) -> Result<f64> {
         let mut done = 0;
         while done < k {
             let c = chunk.min(k - done);
-            let eps = normal(&mut rng, b * c, zd, dev)?;
+            let eps = model::normal(&mut rng, b * c, zd, dev)?;
             let lw = model
                 .log_weights(&xb, &eps, c)?
                 .to_dtype(DType::F64)?

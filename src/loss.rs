@@ -4,6 +4,10 @@
 
 use candle_core::{Result, Tensor};
 
+/// A learned Gaussian decoder's sigma is kept >= 0.01: MNIST's border pixels are always 0, and
+/// without a floor their variance collapses and the likelihood runs to infinity.
+pub const MIN_LOGVAR: f64 = -9.210_340_371_976_182; // ln(0.01^2)
+
 /// ln(2 pi), the Gaussian log-normalizer per dimension.
 pub const LN_2PI: f64 = 1.837_877_066_409_345_3;
 

@@ -12,16 +12,12 @@
 //! with flows, `encoder.flow.*` (amortized: K (2Z + 1) outputs) or `flow.{k}.{u,w,b}` (global).
 
 use crate::config::{Activation, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior};
-use crate::loss;
+use crate::loss::{self, MIN_LOGVAR};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap};
 use rand::Rng;
 use std::collections::HashMap;
-
-/// A learned Gaussian decoder's sigma is kept >= 0.01: MNIST's border pixels are always 0, and
-/// without a floor their variance collapses and the likelihood runs to infinity.
-pub const MIN_LOGVAR: f64 = -9.210_340_371_976_182; // ln(0.01^2)
 
 pub struct Mlp {
     layers: Vec<Linear>,
@@ -723,6 +719,19 @@ pub fn snapshot(vm: &VarMap) -> Result<HashMap<String, Tensor>> {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect())
+}
+
+/// `n` standard normals from the host RNG as a (rows, cols) tensor on `dev`.
+pub fn normal(
+    rng: &mut rand::rngs::StdRng,
+    rows: usize,
+    cols: usize,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng))
+        .collect();
+    Tensor::from_vec(v, (rows, cols), dev)
 }
 
 #[cfg(test)]

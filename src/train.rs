@@ -752,7 +752,7 @@ fn diverged(
 /// two moments) and per-batch buffers would not fit in this machine's available memory, naming
 /// the key that makes them so. Sizes are counted in u128, so no product overflows.
 fn check_memory(cfg: &Config, dim: usize) -> Result<()> {
-    let Some(avail) = available_bytes() else {
+    let Some(avail) = crate::device::available_bytes() else {
         return Ok(());
     };
     let m = &cfg.model;
@@ -805,14 +805,6 @@ fn check_memory(cfg: &Config, dim: usize) -> Result<()> {
         gb(b_bytes),
         gb(avail as u128)
     )
-}
-
-/// MemAvailable from /proc/meminfo, in bytes (Linux); None elsewhere.
-pub(crate) fn available_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// This process's peak resident set (VmHWM in /proc/self/status), Linux only.

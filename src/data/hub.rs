@@ -163,7 +163,7 @@ pub fn load(source: &str) -> Result<Dataset> {
     let set = SETS.iter().find(|s| s.source == source).ok_or_else(|| {
         anyhow!(
             "key `data.source`: {source:?}; use one of {:?}",
-            super::HUB_SOURCES
+            crate::config::HUB_SOURCES
         )
     })?;
     let cache = cache_dir();

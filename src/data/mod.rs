@@ -24,9 +24,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
-/// The values `data.source` takes (read with the cargo feature `hub`).
-pub const HUB_SOURCES: [&str; 2] = ["hub:mnist", "hub:fashion-mnist"];
-
 /// The seed of the train/test draw for data without a split of its own. It is fixed, not the run's
 /// seed, so runs with different seeds are scored on the same test images.
 const SPLIT_SEED: u64 = 0x0073_706c_6974; // "split"
@@ -263,7 +260,7 @@ pub fn draw_split(n: usize, test_fraction: f64, what: &Path) -> Result<(Vec<usiz
 /// Refuses a data set of `bytes` that would not fit in the machine's available memory, before
 /// any of it is read.
 pub fn check_fits(bytes: u128, what: &Path, n: usize, size: &str) -> Result<()> {
-    if let Some(avail) = crate::train::available_bytes() {
+    if let Some(avail) = crate::device::available_bytes() {
         if bytes > avail as u128 {
             bail!(
                 "{}: {n} images of {size} need {:.1} GiB as bytes, more than the {:.1} GiB of \

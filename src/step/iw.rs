@@ -9,7 +9,7 @@
 use super::likelihood;
 use super::{Net, Work};
 use crate::config::{DecoderKind, ModelConfig, ModelKind};
-use crate::model::MIN_LOGVAR;
+use crate::loss::MIN_LOGVAR;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use rand::rngs::StdRng;

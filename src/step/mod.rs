@@ -36,7 +36,7 @@ pub mod planar;
 pub mod prior;
 
 use crate::config::{Activation, Config, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior};
-use crate::model::MIN_LOGVAR;
+use crate::loss::MIN_LOGVAR;
 use crate::optim::AdamConfig;
 use adam::{adam_range, AdamStep, Moments};
 use anyhow::{bail, Context, Result};
