@@ -404,13 +404,34 @@ pub fn resolve(source: &Source, overrides: &[String]) -> Result<Config> {
         let path = e.path().to_string();
         anyhow::anyhow!(
             "{}: key `{}`: {}",
-            source.label,
+            blame(source, overrides, &path),
             path,
             e.into_inner().message().trim()
         )
     })?;
-    cfg.validate().with_context(|| source.label.clone())?;
+    if let Err(e) = cfg.validate() {
+        // Validation names the key as "key `a.b`"; blame the --set that gave it, if one did.
+        let text = e.to_string();
+        let key = text
+            .split_once("key `")
+            .and_then(|(_, rest)| rest.split_once('`'))
+            .map(|(k, _)| k.to_string())
+            .unwrap_or_default();
+        bail!("{}: {text}", blame(source, overrides, &key));
+    }
     Ok(cfg)
+}
+
+/// Who set `key`: the last `--set` whose key is it (or a section above it), else the file.
+fn blame(source: &Source, overrides: &[String], key: &str) -> String {
+    let set = overrides.iter().rev().find(|ov| {
+        let k = ov.split_once('=').map_or(ov.as_str(), |(k, _)| k).trim();
+        !k.is_empty() && (key == k || key.starts_with(&format!("{k}.")))
+    });
+    match set {
+        Some(ov) => format!("--set {ov}"),
+        None => source.label.clone(),
+    }
 }
 
 fn one_line_toml_error(text: &str, e: &toml::de::Error) -> String {

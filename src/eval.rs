@@ -212,6 +212,15 @@ pub fn open(run_arg: Option<&str>, device: Option<&str>) -> Result<Loaded> {
     })
 }
 
+/// "1 image", "2 images".
+fn images(n: usize) -> String {
+    if n == 1 {
+        "1 image".into()
+    } else {
+        format!("{n} images")
+    }
+}
+
 /// `vae eval`: the whole test set of the run's data directory (or its first `limit` images);
 /// with `iw` > 0 also the importance-weighted -log p(x) with that many samples.
 pub fn run_eval(
@@ -288,20 +297,20 @@ pub fn run_eval(
             .unwrap_or_default();
         if l.model.is_ae() {
             println!(
-                "{}: test reconstruction -log p(x|z = mu) {:.2} nats per example over {} images{epoch} \
+                "{}: test reconstruction -log p(x|z = mu) {:.2} nats per example over {}{epoch} \
                  (an autoencoder has no ELBO)",
                 run_dir.display(),
                 t.recon,
-                t.n
+                images(t.n)
             );
         } else {
             println!(
-                "{}: test -ELBO {:.2} nats (recon {:.2}, KL {:.2}) per example over {} images{epoch}",
+                "{}: test -ELBO {:.2} nats (recon {:.2}, KL {:.2}) per example over {}{epoch}",
                 run_dir.display(),
                 t.nelbo(),
                 t.recon,
                 t.kl,
-                t.n
+                images(t.n)
             );
         }
         if let Some((v, se)) = iw_value {
@@ -310,7 +319,15 @@ pub fn run_eval(
             } else {
                 String::new()
             };
-            println!("importance-weighted -log p(x) ~ {v:.2}{se} nats (K = {iw}; an upper bound on the true -log p(x), tighter than the -ELBO)");
+            // With K = 1 the estimate is a one-sample -ELBO: a bound no tighter than the
+            // -ELBO in expectation (Burda et al. 2015, Theorem 1 holds with equality).
+            let what = if iw == 1 {
+                "K = 1: a one-sample estimate of the -ELBO itself, no tighter; use K > 1, e.g. --iw 5000"
+                    .to_string()
+            } else {
+                format!("K = {iw}; an upper bound on the true -log p(x), tighter than the -ELBO")
+            };
+            println!("importance-weighted -log p(x) ~ {v:.2}{se} nats ({what})");
         }
     }
     Ok(())

@@ -56,22 +56,24 @@ enum Cmd {
         json: bool,
         /// Also estimate -log p(x) with K importance samples per image (Burda et al. 2015; 5000
         /// is the published setting).
-        #[arg(long, value_name = "K", default_value_t = 0)]
+        #[arg(long, value_name = "K", default_value_t = 0, allow_negative_numbers = true,
+              value_parser = count("samples per image", 0, 1_000_000))]
         iw: usize,
         /// Evaluate the first N test images only (0 = all).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = count("images", 0, usize::MAX))]
         limit: usize,
     },
     /// New images from the run's prior (N(0, I), or its mixture) decoded, as a PNG grid.
     Sample {
         /// Number of images; the grid is as square as the count allows.
-        #[arg(short, default_value_t = 64)]
+        #[arg(short, default_value_t = 64, allow_negative_numbers = true,
+              value_parser = count("images", 1, pictures::MAX_CELLS))]
         n: usize,
         /// Seed of the draws.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Scale of z: below 1 favours typical images, above 1 the unusual.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = temperature)]
         temperature: f64,
         /// Draw a sample of p(x|z) (Bernoulli or Gaussian pixels) instead of the pixel means.
         #[arg(long)]
@@ -82,10 +84,10 @@ enum Cmd {
     /// The learned latent manifold (Kingma & Welling, Figure 4) as a PNG grid.
     Manifold {
         /// 2: a grid over two latent dimensions; 1: one row per latent dimension.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = count("dimensions", 1, 2))]
         dim: usize,
         /// Points per axis, at the prior's quantiles.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, allow_negative_numbers = true, value_parser = count("points", 2, 100))]
         steps: usize,
         /// The two latent dimensions of a --dim 2 grid, e.g. --axes 3,7 (default: the two with
         /// the largest mean KL over the test set).
@@ -97,13 +99,15 @@ enum Cmd {
     /// Test images above their reconstructions, as a PNG grid.
     Reconstruct {
         /// The first N test images.
-        #[arg(short, default_value_t = 16)]
+        #[arg(short, default_value_t = 16, allow_negative_numbers = true,
+              value_parser = count("images", 1, pictures::MAX_CELLS / 2))]
         n: usize,
         /// These test images instead, e.g. --index 3,17,42.
         #[arg(long, value_name = "I,J,...")]
         index: Option<String>,
-        /// Images per row.
-        #[arg(long, default_value_t = 8)]
+        /// Image pairs per row.
+        #[arg(long, default_value_t = 8, allow_negative_numbers = true,
+              value_parser = count("columns", 1, pictures::MAX_CELLS / 2))]
         cols: usize,
         #[command(flatten)]
         pic: PicArgs,
@@ -111,13 +115,13 @@ enum Cmd {
     /// Decoded images along the line between the latent means of two test images.
     Interpolate {
         /// First test image.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = count("the image number", 0, usize::MAX))]
         from: usize,
         /// Second test image.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = count("the image number", 0, usize::MAX))]
         to: usize,
         /// Points along the path, ends included.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, allow_negative_numbers = true, value_parser = count("points", 2, 100))]
         steps: usize,
         /// Add a row for the spherical (slerp) path.
         #[arg(long)]
@@ -133,7 +137,7 @@ enum Cmd {
     /// One self-contained HTML page to move through the latent space live in a browser.
     Explore {
         /// Put the first N test images' codes in the scatter (0 = all).
-        #[arg(long, default_value_t = 5000)]
+        #[arg(long, default_value_t = 5000, allow_negative_numbers = true, value_parser = count("images", 0, usize::MAX))]
         limit: usize,
         /// Weights in the page: f16 (half the size, pixels within 1/255) or f32 (exact).
         #[arg(long, value_enum, default_value_t = vae::explore::Precision::F16)]
@@ -149,7 +153,7 @@ enum Cmd {
     /// The test set's latent means, one dot per image coloured by class (PCA beyond 2-D).
     Scatter {
         /// Use the first N test images only (0 = all).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = count("images", 0, usize::MAX))]
         limit: usize,
         #[command(flatten)]
         pic: PicArgs,
@@ -167,7 +171,7 @@ struct PicArgs {
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// Enlarge each image this many times.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = count("times", 1, 16))]
     scale: usize,
     /// auto | cpu | cuda | cuda:N (default: the run's config).
     #[arg(long)]
@@ -185,7 +189,7 @@ fn picture_run(p: &PicArgs, default_file: &str) -> Result<(eval::Loaded, Common)
     } else {
         Output::Stdout
     };
-    let output = Output::from_arg(p.output.as_deref(), default);
+    let output = Output::from_arg(p.output.as_deref(), default, default_file);
     Ok((
         l,
         Common {
@@ -193,6 +197,64 @@ fn picture_run(p: &PicArgs, default_file: &str) -> Result<(eval::Loaded, Common)
             scale: p.scale,
         },
     ))
+}
+
+/// A whole-number flag's parser: the value, or one message with the range, the same for `-n -5`,
+/// `-n=-5` and `-n 0` (clap names the flag before it). Usage errors exit with status 2.
+fn count(
+    what: &'static str,
+    lo: usize,
+    hi: usize,
+) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let range = if hi == usize::MAX {
+            format!("give a whole number >= {lo}")
+        } else {
+            format!("give {lo} to {hi} {what}")
+        };
+        match s.trim().parse::<i128>() {
+            Ok(v) if v >= lo as i128 && v <= hi as i128 => Ok(v as usize),
+            _ => Err(range),
+        }
+    }
+}
+
+/// `--temperature`: a finite number >= 0.
+fn temperature(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err("give a finite number >= 0 (1 samples the prior)".into()),
+    }
+}
+
+/// clap's error as one line: its first line and its tips ("a similar subcommand exists", "to
+/// pass '--confg' as a value, use ..."), without the usage block.
+fn usage_line(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut out = lines.next().unwrap_or("error: bad arguments").to_string();
+    for l in lines.filter(|l| l.starts_with("tip:")) {
+        out.push_str("; ");
+        out.push_str(l);
+    }
+    out.push_str(" (see vae --help)");
+    out
+}
+
+/// An error and its causes on one line, each cause once: a context that already quotes its
+/// cause (or a cause that repeats the one before, as some library errors do) is not said twice.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if out.contains(&c) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&c);
+    }
+    out
 }
 
 fn parse_pair(s: &str) -> Result<(usize, usize)> {
@@ -214,10 +276,7 @@ fn main() {
                 | ErrorKind::DisplayVersion
                 | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
                 _ => {
-                    // One line: clap's first line, without the usage block.
-                    let text = e.to_string();
-                    let first = text.lines().next().unwrap_or("error: bad arguments");
-                    eprintln!("{first} (see vae --help)");
+                    eprintln!("{}", usage_line(&e.to_string()));
                     std::process::exit(2);
                 }
             }
@@ -225,7 +284,7 @@ fn main() {
     };
     vae::device::init_cpu_threads();
     if let Err(e) = dispatch(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_line(&e));
         std::process::exit(1);
     }
 }

@@ -19,10 +19,14 @@ pub enum Output {
 }
 
 impl Output {
-    /// `-o FILE`, `-o -` for standard output, or `default` when no -o was given.
-    pub fn from_arg(arg: Option<&Path>, default: Output) -> Output {
+    /// `-o FILE`, `-o -` for standard output, or `default` when no -o was given. A folder
+    /// (`-o out/`, or one that exists) gets `default_file` inside it, as `cp` would.
+    pub fn from_arg(arg: Option<&Path>, default: Output, default_file: &str) -> Output {
         match arg {
             Some(p) if p.as_os_str() == "-" => Output::Stdout,
+            Some(p) if p.is_dir() || p.as_os_str().to_string_lossy().ends_with('/') => {
+                Output::File(p.join(default_file))
+            }
             Some(p) => Output::File(p.to_path_buf()),
             None => default,
         }
@@ -47,6 +51,18 @@ impl Output {
             Output::File(p) if p.is_dir() => {
                 bail!("-o {}: is a directory; give a file name", p.display())
             }
+            Output::File(p)
+                if p.parent()
+                    .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) =>
+            {
+                let d = p.parent().unwrap_or(Path::new("."));
+                bail!(
+                    "-o {}: the folder {} does not exist; create it first (mkdir -p {})",
+                    p.display(),
+                    d.display(),
+                    d.display()
+                )
+            }
             _ => Ok(()),
         }
     }
@@ -61,7 +77,21 @@ impl Output {
                     .context("writing the PNG to standard output")
             }
             Output::File(p) => {
-                crate::run::write_atomic(p, png).with_context(|| format!("-o {}", p.display()))
+                // A device, pipe or link (`-o /dev/stdout`) is written through, never replaced by
+                // the rename that makes a regular file's write atomic.
+                let special = std::fs::symlink_metadata(p).is_ok_and(|m| !m.is_file());
+                if special {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(p)
+                        .with_context(|| format!("-o {}: cannot open", p.display()))?;
+                    f.write_all(png)
+                        .and_then(|_| f.flush())
+                        .with_context(|| format!("-o {}: cannot write", p.display()))
+                } else {
+                    crate::run::write_atomic(p, png).with_context(|| format!("-o {}", p.display()))
+                }
             }
         }
     }

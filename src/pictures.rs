@@ -308,7 +308,7 @@ fn check_indices(idx: &[usize], n: usize) -> Result<()> {
 /// `cols` to a row.
 pub fn reconstruct(l: &Loaded, idx: &[usize], cols: usize, c: &Common) -> Result<()> {
     if idx.is_empty() || idx.len() > MAX_CELLS / 2 {
-        bail!("give 1 to {} images", MAX_CELLS / 2);
+        bail!("-n / --index: give 1 to {} images", MAX_CELLS / 2);
     }
     check_scale(c.scale)?;
     let test = l.test_split(0)?;

@@ -252,10 +252,12 @@ pub fn create(cfg: &Config, explicit: Option<&Path>) -> Result<PathBuf> {
         }
         None => {
             let base = Path::new(&cfg.out_dir);
+            // A second run of a name is `<name>-run2`, not `<name>-2`: `mnist-2` would read as
+            // a config of its own beside `mnist-2d`.
             let mut d = base.join(&cfg.name);
             let mut k = 2;
             while d.exists() {
-                d = base.join(format!("{}-{k}", cfg.name));
+                d = base.join(format!("{}-run{k}", cfg.name));
                 k += 1;
             }
             d
@@ -374,7 +376,7 @@ mod tests {
         let a = create(&cfg, None).unwrap();
         let b = create(&cfg, None).unwrap();
         assert_eq!(a.file_name().unwrap(), "r");
-        assert_eq!(b.file_name().unwrap(), "r-2");
+        assert_eq!(b.file_name().unwrap(), "r-run2");
         std::fs::write(a.join(MODEL_FILE), b"x").unwrap();
         assert!(create(&cfg, Some(&a)).is_err());
     }

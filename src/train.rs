@@ -182,6 +182,24 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
             path.display()
         );
     }
+    if !run_dir.join(run::STATE_FILE).exists() {
+        // Stopped before its first checkpoint (diverged or killed in epoch 1): nothing to
+        // continue from, so the run starts again from its beginning, in the same directory,
+        // with the training keys --set may have changed (a lower train.lr, say).
+        println!(
+            "{} has no checkpoint yet; training it again from its start",
+            run_dir.display()
+        );
+        let start = Start {
+            run_dir: Some(run_dir),
+            epoch: 0,
+            resumed: None,
+            csv: String::from(CSV_HEADER),
+            partial: None,
+            best: None,
+        };
+        return run_training(&cfg, opts, start);
+    }
     let state = run::load_state(&run_dir)?;
     run::check_model_unchanged(&run_dir, &state, &cfg)?;
     if state.epoch >= cfg.train.epochs && state.partial.is_none() {
@@ -251,8 +269,11 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
 }
 
 fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
+    // Row 0 is the untrained model: measured only on a fresh start. A run resumed inside epoch 1
+    // already has it in metrics.csv, and its weights are no longer the untrained ones.
+    let fresh = start.resumed.is_none();
     let mut s = Session::open(cfg, opts, start)?;
-    if s.done == 0 {
+    if fresh {
         let (m0, _) = s.model()?;
         let row0 = EpochRow {
             epoch: 0,
@@ -264,6 +285,7 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
             every: cfg.train.eval_every,
         };
         s.log(&row0);
+        run::write_atomic(&s.run_dir.join(run::METRICS_FILE), s.csv.as_bytes())?;
     }
     for epoch in s.done + 1..=cfg.train.epochs {
         let (train, seconds) = s.train_epoch(epoch)?;
@@ -737,12 +759,21 @@ fn diverged(
     per_epoch: usize,
     cfg: &Config,
 ) -> anyhow::Error {
+    let kept = if run_dir.join(run::STATE_FILE).exists() {
+        format!(
+            "The last good checkpoint in {} is untouched",
+            run_dir.display()
+        )
+    } else {
+        format!(
+            "{} has no checkpoint yet, so --resume starts it again from its beginning",
+            run_dir.display()
+        )
+    };
     anyhow::anyhow!(
         "training diverged at epoch {epoch}, batch {batch}/{per_epoch}: the loss is not finite. \
-         The last good checkpoint in {} is untouched; try a lower learning rate \
-         (--set train.lr={:e}) or KL warm-up (--set train.kl_warmup_epochs=5) and \
-         `vae train --resume --run {}`",
-        run_dir.display(),
+         {kept}; try a lower learning rate (--set train.lr={:e}) or KL warm-up \
+         (--set train.kl_warmup_epochs=5) with `vae train --resume --run {}`",
         cfg.train.lr / 10.0,
         run_dir.display()
     )

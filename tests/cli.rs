@@ -48,7 +48,7 @@ fn tiny_train_writes_checkpoint_and_learns() {
             "train.epochs=1",
         ],
     );
-    assert!(t.path().join("runs/tiny-2/model.safetensors").is_file());
+    assert!(t.path().join("runs/tiny-run2/model.safetensors").is_file());
     assert_eq!(metrics(&run).len(), 3);
 }
 
@@ -68,6 +68,16 @@ fn eval_prints_finite_numbers() {
     assert_eq!(v["images"].as_u64(), Some(10000));
     let text = ok(t.path(), &["eval", "--run", run.to_str().unwrap()]);
     assert!(text.contains("test -ELBO") && text.contains("KL"), "{text}");
+    // K = 1 is a one-sample -ELBO, not a tighter bound; one image is "1 image".
+    let one = ok(t.path(), &["eval", "--iw", "1", "--limit", "1"]);
+    assert!(one.contains("over 1 image,"), "{one}");
+    assert!(!one.contains("tighter than the -ELBO"), "{one}");
+    assert!(one.contains("no tighter"), "{one}");
+    let two = ok(t.path(), &["eval", "--iw", "2", "--limit", "2"]);
+    assert!(
+        two.contains("over 2 images,") && two.contains("tighter than the -ELBO"),
+        "{two}"
+    );
 }
 
 #[test]

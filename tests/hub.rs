@@ -147,7 +147,7 @@ fn mnist_and_fashion_mnist_load_offline_from_the_cache() {
     );
     let o = train(t.path(), &cache, "hub:fashion-mnist");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let state = std::fs::read_to_string(t.path().join("runs/tiny-2/state.json")).unwrap();
+    let state = std::fs::read_to_string(t.path().join("runs/tiny-run2/state.json")).unwrap();
     assert!(state.contains("Ankle boot"), "the class names: {state}");
 }
 

@@ -196,6 +196,11 @@ fn bad_data_gets_one_line_naming_the_file() {
     // A truncated image.
     std::fs::write(data.join("red/zzz.png"), b"\x89PNG\r\n\x1a\n").unwrap();
     fails(t.path(), &args(&d), "zzz.png: cannot decode");
+    // Not a PNG at all: the decoder's cause is said once, not "X.: X.".
+    std::fs::write(data.join("red/zzz.png"), b"junk").unwrap();
+    let o = vae(t.path(), &args(&d));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("Invalid PNG signature").count(), 1, "{err}");
     // An empty folder.
     let empty = t.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();

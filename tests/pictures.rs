@@ -143,11 +143,11 @@ fn picture_bad_input() {
     let p = t.path();
     fails(p, &["sample", "-n", "4", "-o", "x.png"], "runs/latest");
     trained(p);
-    fails(p, &["sample", "-n", "0", "-o", "x.png"], "-n 0");
+    fails(p, &["sample", "-n", "0", "-o", "x.png"], "'0' for '-n <N>'");
     fails(
         p,
         &["sample", "-n", "100000000", "-o", "x.png"],
-        "-n 100000000",
+        "'100000000' for '-n <N>'",
     );
     fails(
         p,
@@ -157,10 +157,18 @@ fn picture_bad_input() {
     fails(
         p,
         &["sample", "-o", "/nonexistent/dir/x.png"],
-        "/nonexistent/dir/x.png",
+        "the folder /nonexistent/dir does not exist",
     );
-    fails(p, &["sample", "-o", "runs"], "directory");
-    fails(p, &["manifold", "--dim", "3", "-o", "x.png"], "--dim 3");
+    fails(
+        p,
+        &["sample", "-o", "missing/"],
+        "the folder missing does not exist; create it first",
+    );
+    fails(
+        p,
+        &["manifold", "--dim", "3", "-o", "x.png"],
+        "'3' for '--dim <DIM>'",
+    );
     fails(
         p,
         &["manifold", "--axes", "0,8", "-o", "x.png"],
@@ -172,7 +180,11 @@ fn picture_bad_input() {
         "--axes 2,2",
     );
     fails(p, &["manifold", "--axes", "x", "-o", "x.png"], "--axes x");
-    fails(p, &["manifold", "--steps", "1", "-o", "x.png"], "--steps 1");
+    fails(
+        p,
+        &["manifold", "--steps", "1", "-o", "x.png"],
+        "'1' for '--steps <STEPS>'",
+    );
     fails(
         p,
         &["reconstruct", "--index", "10000", "-o", "x.png"],
@@ -188,7 +200,11 @@ fn picture_bad_input() {
         &["interpolate", "--to", "12345", "-o", "x.png"],
         "image 12345",
     );
-    fails(p, &["sample", "--scale", "0", "-o", "x.png"], "--scale 0");
+    fails(
+        p,
+        &["sample", "--scale", "0", "-o", "x.png"],
+        "'0' for '--scale <SCALE>'",
+    );
     std::fs::create_dir(p.join("norun")).unwrap();
     std::fs::write(p.join("norun/config.toml"), "").unwrap();
     fails(
@@ -313,4 +329,28 @@ fn explore_writes_one_self_contained_page() {
         &["explore", "-o", "x.html"],
         "latent space is 1-D",
     );
+}
+
+/// `-o` into a folder (`-o out/`, or one that exists) writes the command's default file there;
+/// a device is written through, not replaced; a write error names its cause once.
+#[test]
+fn output_to_a_folder_or_a_device() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    trained(p);
+    std::fs::create_dir(p.join("out")).unwrap();
+    ok(p, &["sample", "-n", "4", "-o", "out/"]);
+    ok(p, &["reconstruct", "-n", "4", "-o", "out"]);
+    for f in ["out/sample.png", "out/reconstruction.png"] {
+        assert!(png_size(&std::fs::read(p.join(f)).unwrap()).0 > 0, "{f}");
+    }
+    if Path::new("/dev/full").exists() {
+        let o = vae(p, &["sample", "-n", "4", "-o", "/dev/full"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.matches("No space left on device").count(), 1, "{err}");
+        use std::os::unix::fs::FileTypeExt;
+        let md = std::fs::metadata("/dev/full").unwrap();
+        assert!(md.file_type().is_char_device(), "/dev/full was replaced");
+    }
 }

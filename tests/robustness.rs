@@ -268,7 +268,7 @@ fn hostile_arguments_fail_cleanly_and_write_nothing() {
             &["sample", "-n", "99999999999999999999999"],
             "99999999999999999999999",
         ),
-        (&["sample", "-n", "0", "-o", "x.png"], "-n 0"),
+        (&["sample", "-n", "0", "-o", "x.png"], "'0' for '-n <N>'"),
         (
             &["sample", "--temperature", "NaN", "-o", "x.png"],
             "--temperature",
@@ -278,13 +278,15 @@ fn hostile_arguments_fail_cleanly_and_write_nothing() {
             "--temperature",
         ),
         (&["sample", "-o", ""], "-o"),
-        (&["sample", "-o", "adir"], "directory"),
         (&["sample", "-o", "/proc/nope/x.png"], "/proc/nope/x.png"),
         (&["sample", "--run", ""], "--run"),
-        (&["manifold", "--steps", "0", "-o", "x.png"], "--steps 0"),
+        (
+            &["manifold", "--steps", "0", "-o", "x.png"],
+            "'0' for '--steps",
+        ),
         (
             &["manifold", "--steps", "1000000", "-o", "x.png"],
-            "--steps 1000000",
+            "'1000000' for '--steps",
         ),
         (&["manifold", "--axes", "", "-o", "x.png"], "--axes"),
         (&["reconstruct", "--index", "", "-o", "x.png"], "--index"),
@@ -332,4 +334,195 @@ fn sizes_too_large_for_memory_are_refused_by_key() {
         );
         assert!(!t.path().join("runs").exists(), "{set}: left a run behind");
     }
+}
+
+/// Usage errors: one line with clap's tip kept, the same range message however a negative number
+/// is written, and exit status 2 (the README's table); runtime errors exit 1.
+#[test]
+fn usage_errors_keep_their_tips_and_exit_2() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    let usage = |args: &[&str], needles: &[&str]| {
+        let o = vae(p, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "vae {args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        for n in needles {
+            assert!(err.contains(n), "vae {args:?}: expected {n:?} in {err}");
+        }
+    };
+    usage(&["smaple"], &["similar subcommand exists", "'sample'"]);
+    usage(&["train", "--confg", "x"], &["'--config'"]);
+    for args in [
+        &["sample", "-n", "-5"][..],
+        &["sample", "-n=-5"],
+        &["sample", "-n", "0"],
+    ] {
+        usage(args, &["for '-n <N>'", "give 1 to 16384 images"]);
+    }
+    for args in [
+        &["sample", "--temperature", "-1"][..],
+        &["sample", "--temperature=-1"],
+    ] {
+        usage(
+            args,
+            &[
+                "'-1' for '--temperature <TEMPERATURE>'",
+                "finite number >= 0",
+            ],
+        );
+    }
+    usage(&["reconstruct", "-n", "0"], &["'-n <N>'"]);
+    usage(
+        &["reconstruct", "--cols", "0"],
+        &["'0' for '--cols <COLS>'"],
+    );
+    usage(&["eval", "--iw", "-3"], &["'-3' for '--iw <K>'"]);
+    // A runtime error: status 1.
+    let o = vae(p, &["eval", "--run", "nothere"]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+/// A key given with --set is blamed on the --set, a key in the file on the file.
+#[test]
+fn a_bad_key_is_blamed_on_where_it_came_from() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    fails(
+        p,
+        &["train", "--config", "tiny.toml", "--set", "model.latnet=2"],
+        "--set model.latnet=2: key `model.latnet`: unknown field `latnet`",
+    );
+    fails(
+        p,
+        &["train", "--config", "tiny.toml", "--set", "model.latent=0"],
+        "--set model.latent=0: key `model.latent` must be positive",
+    );
+    std::fs::write(p.join("bad.toml"), "[model]\nlatnet = 2\n").unwrap();
+    fails(
+        p,
+        &["train", "--config", "bad.toml", "--set", "train.lr=1e-3"],
+        "bad.toml: key `model.latnet`",
+    );
+}
+
+/// Divergence in epoch 1 leaves no checkpoint; the advice printed (`--resume` with a lower rate)
+/// works: the run starts again from its beginning in the same directory.
+#[test]
+fn divergence_in_the_first_epoch_resumes_from_the_start() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    let d = format!("data.dir={}", data_dir());
+    let o = vae(
+        p,
+        &[
+            "train",
+            "--config",
+            "tiny.toml",
+            "-q",
+            "--set",
+            &d,
+            "--set",
+            "data.limit=300",
+            "--set",
+            "train.lr=1e30",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("epoch 1") && err.contains("no checkpoint yet") && err.contains("--resume"),
+        "{err}"
+    );
+    let run = p.join("runs/tiny");
+    assert!(!run.join("state.json").exists());
+    let out = ok(p, &["train", "--resume", "-q", "--set", "train.lr=1e-3"]);
+    assert!(out.contains("again from its start"), "{out}");
+    let rows = metrics(&run);
+    let epochs: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(epochs, ["0", "1", "2"]);
+    ok(p, &["eval"]);
+}
+
+/// Waits up to a minute for `f` to exist.
+fn wait_for(f: &Path) {
+    let t0 = Instant::now();
+    while !f.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A run interrupted inside epoch 1 and resumed keeps the untrained model's row 0: the same
+/// figures as an unbroken run's, not a value measured after training began.
+#[test]
+fn resume_inside_the_first_epoch_keeps_row_zero() {
+    let args = [
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit=60000",
+        "--set",
+        "train.batch_size=20",
+    ];
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let unbroken = tiny(a.path(), &args);
+    let d = format!("data.dir={}", data_dir());
+    let mut full: Vec<&str> = vec!["train", "--config", "tiny.toml", "-q", "--set", &d];
+    full.extend_from_slice(&args);
+    let child = spawn(b.path(), &full);
+    // metrics.csv appears with row 0, before the first step.
+    wait_for(&b.path().join("runs/tiny/metrics.csv"));
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("note: the run finished before SIGINT");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let state = std::fs::read_to_string(b.path().join("runs/tiny/state.json")).unwrap();
+    assert!(state.contains("\"epoch\": 0"), "{state}");
+    ok(b.path(), &["train", "--resume", "-q"]);
+    let (ma, mb) = (metrics(&unbroken), metrics(&b.path().join("runs/tiny")));
+    assert_eq!(mb.len(), 2, "{mb:?}");
+    assert_eq!(ma[0], mb[0], "row 0 changed on resume");
+}
+
+/// Two SIGINTs at one moment (`timeout -s INT` signals the process and its group) are one
+/// request: the run checkpoints and says how to resume, instead of exiting silently.
+#[test]
+fn two_signals_at_once_are_one_request() {
+    let t = tempfile::tempdir().unwrap();
+    let d = format!("data.dir={}", data_dir());
+    let child = spawn(
+        t.path(),
+        &[
+            "train",
+            "--config",
+            "tiny.toml",
+            "-q",
+            "--set",
+            &d,
+            "--set",
+            "data.limit=60000",
+            "--set",
+            "train.epochs=20",
+        ],
+    );
+    wait_for(&t.path().join("runs/tiny/metrics.csv"));
+    std::thread::sleep(Duration::from_millis(200));
+    // Two kills back to back can merge into one pending signal; a moment between them makes
+    // the process take both, as it does under `timeout -s INT`.
+    signal(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(2));
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted: checkpoint saved") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(t.path().join("runs/tiny/state.json").exists());
 }
