@@ -176,6 +176,31 @@ pub fn grid(
     }
 }
 
+/// `pictures` stacked top to bottom, `gap` pixels of white between them; each as wide as the
+/// widest (narrower ones are padded with white on the right). All must have the same channels.
+pub fn stack(pictures: &[Picture], gap: usize) -> Picture {
+    let c = pictures.first().map_or(1, |p| p.channels);
+    let width = pictures.iter().map(|p| p.width as usize).max().unwrap_or(0);
+    let height = pictures.iter().map(|p| p.height as usize).sum::<usize>()
+        + gap * pictures.len().saturating_sub(1);
+    let mut px = vec![255u8; width * height * c];
+    let mut y0 = 0;
+    for p in pictures {
+        let pw = p.width as usize * c;
+        for y in 0..p.height as usize {
+            let dst = (y0 + y) * width * c;
+            px[dst..dst + pw].copy_from_slice(&p.px[y * pw..(y + 1) * pw]);
+        }
+        y0 += p.height as usize + gap;
+    }
+    Picture {
+        px,
+        width: width as u32,
+        height: height as u32,
+        channels: c,
+    }
+}
+
 /// The pictures are small, so the best compression costs milliseconds and saves half the bytes.
 fn encoder(out: &mut Vec<u8>) -> PngEncoder<&mut Vec<u8>> {
     PngEncoder::new_with_quality(out, CompressionType::Best, FilterType::Adaptive)

@@ -344,16 +344,37 @@ pub fn reconstruction_png(
     let rec = decode_means(l, &mu)?;
     let cols = cols.clamp(1, idx.len());
     let rows = idx.len().div_ceil(cols);
-    // NaN cells are left as separator colour.
-    let mut cells = vec![f32::NAN; 2 * rows * cols * d];
-    for (k, _) in idx.iter().enumerate() {
-        let (r, col) = (k / cols, k % cols);
-        let top = (2 * r * cols + col) * d;
-        let bottom = ((2 * r + 1) * cols + col) * d;
-        cells[top..top + d].copy_from_slice(&x[k * d..(k + 1) * d]);
-        cells[bottom..bottom + d].copy_from_slice(&rec[k * d..(k + 1) * d]);
+    // One grid per pair of rows (originals over their reconstructions), a white gap between
+    // pairs so that each reconstruction is read against the image above it, not the one below.
+    let mut pairs = Vec::with_capacity(rows);
+    for r in 0..rows {
+        // NaN cells (a last pair's empty places) are left as separator colour.
+        let mut cells = vec![f32::NAN; 2 * cols * d];
+        for k in r * cols..((r + 1) * cols).min(idx.len()) {
+            let col = k % cols;
+            cells[col * d..(col + 1) * d].copy_from_slice(&x[k * d..(k + 1) * d]);
+            cells[(cols + col) * d..(cols + col + 1) * d].copy_from_slice(&rec[k * d..(k + 1) * d]);
+        }
+        pairs.push(picture::grid(&cells, 2 * cols, l.cell(), cols, scale));
     }
-    picture::grid(&cells, 2 * rows * cols, l.cell(), cols, scale).png()
+    let s = scale.max(1);
+    let pic = picture::stack(&pairs, PAIR_GAP * s);
+    let cell_h = l.cell().0 * s;
+    let mut labels = Vec::with_capacity(2 * rows);
+    for r in 0..rows {
+        let top = r * (2 * (cell_h + s) + s + PAIR_GAP * s) + s + cell_h / 2;
+        labels.push((top as u32, "original"));
+        labels.push(((top + cell_h + s) as u32, "reconstruction"));
+    }
+    plot::label_rows(&pic, &labels, label_size(cell_h))?.png()
+}
+
+/// White pixels (times the scale) between one pair of reconstruction rows and the next.
+pub const PAIR_GAP: usize = 6;
+
+/// Row labels' text height for cells `cell_h` pixels high: about 40% of the cell, 11 px at least.
+fn label_size(cell_h: usize) -> u32 {
+    ((cell_h as f64 * 0.4).round() as u32).max(11)
 }
 
 /// `vae interpolate`: the decoded straight line between the posterior means of two test images
@@ -411,7 +432,16 @@ pub fn interpolate(
         cells.extend_from_slice(&dec[p * steps * d..(p + 1) * steps * d]);
         cells.extend_from_slice(&x[d..]);
     }
-    let wh = write_grid(&c.output, &cells, paths * cols, l, cols, c.scale)?;
+    let g = picture::grid(&cells, paths * cols, l.cell(), cols, c.scale);
+    let s = c.scale.max(1);
+    let cell_h = l.cell().0 * s;
+    let names = ["linear", "slerp"];
+    let labels: Vec<(u32, &str)> = (0..paths)
+        .map(|p| ((s + p * (cell_h + s) + cell_h / 2) as u32, names[p]))
+        .collect();
+    let g = plot::label_rows(&g, &labels, label_size(cell_h))?;
+    c.output.write(&g.png()?)?;
+    let wh = (g.width, g.height);
     said(
         &c.output,
         &format!(

@@ -150,6 +150,12 @@ fn decodes_as_vae_does(extra: &[&str]) {
             d < tol,
             "{extra:?} {precision}: decoded pixels differ by {d} (tolerance {tol})"
         );
+        // What a reader sees: no empty strip square before the strip is drawn, and each
+        // coordinate of the z readout on one line (8 of them take two lines in its 300 px).
+        assert_eq!(v["strip_hidden_at_load"], true, "{}", v["z_readout"]);
+        assert_eq!(v["strip_shown"], true);
+        assert_eq!(v["z_readout"]["coordinates"], zd);
+        assert_eq!(v["z_readout"]["whole"], true, "{}", v["z_readout"]);
         let strip = v["strip"].as_array().expect("a strip");
         assert_eq!(strip.len(), 10);
         assert!(max_diff(&floats(&strip[0]), &want) < tol);

@@ -14,6 +14,12 @@ fn grid_px(cells: u32) -> u32 {
     29 * cells + 1
 }
 
+/// Whether the first `band` columns of the PNG at `path` hold dark (text) pixels.
+fn has_text(path: &Path, band: u32) -> bool {
+    let img = image::open(path).unwrap().to_luma8();
+    (0..img.height()).any(|y| (0..band).any(|x| img.get_pixel(x, y).0[0] < 100))
+}
+
 #[test]
 fn sample_writes_a_square_grid_and_is_reproducible() {
     let t = tempfile::tempdir().unwrap();
@@ -91,11 +97,16 @@ fn manifold_reconstruct_interpolate_scatter() {
         png_size(&std::fs::read(t.path().join("m1.png")).unwrap()),
         (grid_px(6), grid_px(8))
     );
-    // 5 images, 8 to a row: one row of originals over one of reconstructions.
+    // 5 images, 8 to a row: one row of originals over one of reconstructions, behind a band
+    // of row labels.
     ok(t.path(), &["reconstruct", "-n", "5", "-o", "r.png"]);
-    assert_eq!(
-        png_size(&std::fs::read(t.path().join("r.png")).unwrap()),
-        (grid_px(5), grid_px(2))
+    let (w, h) = png_size(&std::fs::read(t.path().join("r.png")).unwrap());
+    assert_eq!(h, grid_px(2));
+    let band = w - grid_px(5);
+    assert!(band > 40, "no label band: {w}");
+    assert!(
+        has_text(&t.path().join("r.png"), band),
+        "the labels are blank"
     );
     ok(
         t.path(),
@@ -109,9 +120,10 @@ fn manifold_reconstruct_interpolate_scatter() {
             "r2.png",
         ],
     );
+    // Two pairs of rows, 6 white pixels between the pairs; the same label band.
     assert_eq!(
         png_size(&std::fs::read(t.path().join("r2.png")).unwrap()),
-        (grid_px(2), grid_px(4))
+        (grid_px(2) + band, 2 * grid_px(2) + 6)
     );
     // 6 steps plus the two images at the ends; two rows with --slerp.
     ok(
@@ -129,9 +141,12 @@ fn manifold_reconstruct_interpolate_scatter() {
             "i.png",
         ],
     );
-    assert_eq!(
-        png_size(&std::fs::read(t.path().join("i.png")).unwrap()),
-        (grid_px(8), grid_px(2))
+    let (w, h) = png_size(&std::fs::read(t.path().join("i.png")).unwrap());
+    assert_eq!(h, grid_px(2));
+    assert!(w > grid_px(8) + 20, "no label band: {w}");
+    assert!(
+        has_text(&t.path().join("i.png"), w - grid_px(8)),
+        "the labels are blank"
     );
     let png = ok_bytes(t.path(), &["scatter", "--limit", "500"]);
     assert_eq!(png_size(&png), (900, 820));
