@@ -7,7 +7,7 @@ Usage: python3 scripts/colour-mnist.py [MNIST_DIR] [OUT.npz]
 Each digit of the shipped MNIST is painted in one of 12 hues, drawn at random with a fixed
 seed and independent of the digit, on black. The result is the layout Keras' mnist.npz uses:
 x_train (60000, 28, 28, 3) uint8, y_train (60000,) uint8, x_test, y_test. It is the worked
-example of "Your own data" in the README: a VAE has to put the colour in its latent code too.
+example of docs/own-data.md: a VAE has to put the colour in its latent code too.
 """
 
 import colorsys
