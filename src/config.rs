@@ -114,11 +114,18 @@ pub enum Binarize {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, from = "RawModel", into = "RawModel")]
 pub struct ModelConfig {
     pub kind: ModelKind,
+    /// The widths between the data and the first (bottom) stochastic layer.
     pub hidden: Vec<usize>,
+    /// Dimensions of the first (bottom) stochastic layer z1 (the only one of a one-layer model).
     pub latent: usize,
+    /// The stochastic layers above the first, bottom up (empty: the one-layer model). In the
+    /// config file: `latent = [100, 50]` and `hidden = [[200, 200], [100, 100]]`.
+    pub upper: Vec<Upper>,
+    /// How two stochastic layers connect.
+    pub wiring: Wiring,
     pub activation: Activation,
     pub decoder: DecoderKind,
     pub sigma: f64,
@@ -134,6 +141,175 @@ pub struct ModelConfig {
     pub logvar_min: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logvar_max: Option<f64>,
+}
+
+/// A stochastic layer above the first: its dimensions, and the widths of the networks between it
+/// and the layer below (q(z_l | z_{l-1}) runs them upward, p(z_{l-1} | z_l) downward).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upper {
+    pub latent: usize,
+    pub hidden: Vec<usize>,
+}
+
+/// How two stochastic layers connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wiring {
+    /// Burda et al. (2015): q(z1|x) q(z2|z1); p(z2) p(z1|z2) p(x|z1).
+    #[default]
+    Chain,
+    /// Tomczak & Welling (2018): q(z2|x) q(z1|x, z2); p(z2) p(z1|z2) p(x|z1, z2).
+    Hvae,
+}
+
+/// `model.latent` as written: one number, or one per stochastic layer, bottom first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+enum LatentSpec {
+    One(usize),
+    Layers(Vec<usize>),
+}
+
+/// `model.hidden` as written: one list of widths, or one list per stochastic layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+enum HiddenSpec {
+    Flat(Vec<usize>),
+    Layers(Vec<Vec<usize>>),
+}
+
+/// `[model]` as the file has it; `ModelConfig` is the same with the stochastic layers split
+/// into the first and those above it. A shape that does not fit (three latents, `hidden` with
+/// another number of lists) becomes a model the validation refuses by key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawModel {
+    kind: ModelKind,
+    hidden: HiddenSpec,
+    latent: LatentSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wiring: Option<Wiring>,
+    activation: Activation,
+    decoder: DecoderKind,
+    sigma: f64,
+    learn_sigma: bool,
+    flows: usize,
+    flow_params: FlowParams,
+    output_bias: OutputBias,
+    prior: Prior,
+    prior_components: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logvar_min: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logvar_max: Option<f64>,
+}
+
+impl Default for RawModel {
+    fn default() -> Self {
+        ModelConfig::default().into()
+    }
+}
+
+/// Marks a `[model]` whose layers do not fit together, for `validate` to name: a latent of
+/// dimension 0 in `upper` with the reason in `hidden` is never a real model.
+const SHAPE_MISMATCH: usize = usize::MAX;
+
+impl From<RawModel> for ModelConfig {
+    fn from(r: RawModel) -> Self {
+        let latents = match r.latent {
+            LatentSpec::One(z) => vec![z],
+            LatentSpec::Layers(v) => v,
+        };
+        let hidden: Vec<Vec<usize>> = match r.hidden {
+            HiddenSpec::Flat(h) => vec![h],
+            HiddenSpec::Layers(v) => v,
+        };
+        let first = latents.first().copied().unwrap_or(0);
+        let mut upper: Vec<Upper> = latents
+            .iter()
+            .skip(1)
+            .enumerate()
+            .map(|(i, &z)| Upper {
+                latent: z,
+                hidden: hidden.get(i + 1).cloned().unwrap_or_default(),
+            })
+            .collect();
+        if hidden.len() != latents.len() || latents.is_empty() {
+            // `validate` names it: the lists of `hidden` must match the layers of `latent`.
+            upper.push(Upper {
+                latent: SHAPE_MISMATCH,
+                hidden: vec![hidden.len(), latents.len()],
+            });
+        }
+        ModelConfig {
+            kind: r.kind,
+            hidden: hidden.first().cloned().unwrap_or_default(),
+            latent: first,
+            upper,
+            wiring: r.wiring.unwrap_or_default(),
+            activation: r.activation,
+            decoder: r.decoder,
+            sigma: r.sigma,
+            learn_sigma: r.learn_sigma,
+            flows: r.flows,
+            flow_params: r.flow_params,
+            output_bias: r.output_bias,
+            prior: r.prior,
+            prior_components: r.prior_components,
+            logvar_min: r.logvar_min,
+            logvar_max: r.logvar_max,
+        }
+    }
+}
+
+impl From<ModelConfig> for RawModel {
+    fn from(m: ModelConfig) -> Self {
+        let (latent, hidden, wiring) = if m.upper.is_empty() {
+            (LatentSpec::One(m.latent), HiddenSpec::Flat(m.hidden), None)
+        } else {
+            let mut z = vec![m.latent];
+            let mut h = vec![m.hidden];
+            for u in m.upper {
+                z.push(u.latent);
+                h.push(u.hidden);
+            }
+            (LatentSpec::Layers(z), HiddenSpec::Layers(h), Some(m.wiring))
+        };
+        RawModel {
+            kind: m.kind,
+            hidden,
+            latent,
+            wiring,
+            activation: m.activation,
+            decoder: m.decoder,
+            sigma: m.sigma,
+            learn_sigma: m.learn_sigma,
+            flows: m.flows,
+            flow_params: m.flow_params,
+            output_bias: m.output_bias,
+            prior: m.prior,
+            prior_components: m.prior_components,
+            logvar_min: m.logvar_min,
+            logvar_max: m.logvar_max,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Stochastic layers: 1, or 2 with `upper`.
+    pub fn layers(&self) -> usize {
+        1 + self.upper.len()
+    }
+
+    /// Dimensions of the top stochastic layer, the one the prior is on (the pictures' space).
+    pub fn top_latent(&self) -> usize {
+        self.upper.last().map_or(self.latent, |u| u.latent)
+    }
+
+    /// Standard normals one sample of every stochastic layer takes: Z1 (+ Z2).
+    pub fn noise_dim(&self) -> usize {
+        self.latent + self.upper.iter().map(|u| u.latent).sum::<usize>()
+    }
 }
 
 /// The prior p(z).
@@ -304,6 +480,8 @@ impl Default for ModelConfig {
             prior_components: 10,
             logvar_min: None,
             logvar_max: None,
+            upper: vec![],
+            wiring: Wiring::Chain,
         }
     }
 }
@@ -477,6 +655,71 @@ fn apply_override(table: &mut toml::Table, ov: &str) -> Result<()> {
 }
 
 impl Config {
+    /// The stochastic layers: at most two, `hidden` one list per layer, and the options that
+    /// two layers do not (yet) combine with refused by key.
+    fn validate_layers(&self) -> Result<()> {
+        let m = &self.model;
+        if let Some(u) = m.upper.iter().find(|u| u.latent == SHAPE_MISMATCH) {
+            let (lists, layers) = (u.hidden[0], u.hidden[1]);
+            if layers == 0 {
+                bail!("key `model.latent` must list at least one dimension, e.g. 20 or [100, 50]");
+            }
+            bail!(
+                "key `model.hidden`: {layers} stochastic layers (`model.latent`) need {layers} \
+                 lists of widths, one per layer, e.g. hidden = [[200, 200], [100, 100]]; got {}",
+                if lists == 1 {
+                    "a flat list".to_string()
+                } else {
+                    format!("{lists} lists")
+                }
+            );
+        }
+        if m.upper.len() > 1 {
+            bail!(
+                "key `model.latent`: at most two stochastic layers, got {}",
+                m.upper.len() + 1
+            );
+        }
+        for (i, u) in m.upper.iter().enumerate() {
+            if u.latent == 0 {
+                bail!("key `model.latent[{}]` must be positive, got 0", i + 1);
+            }
+            if u.hidden.is_empty() {
+                bail!(
+                    "key `model.hidden[{}]` must list at least one width, e.g. [100, 100]",
+                    i + 1
+                );
+            }
+            if let Some(j) = u.hidden.iter().position(|&h| h == 0) {
+                bail!("key `model.hidden[{}][{j}]` must be positive, got 0", i + 1);
+            }
+        }
+        if !m.upper.is_empty() {
+            let not_with = |key: &str, what: &str| -> Result<()> {
+                bail!("key `{key}`: {what} is not built for two stochastic layers; use one layer (a single `model.latent`)")
+            };
+            if m.flows > 0 {
+                not_with("model.flows", "planar flows")?;
+            }
+            if m.kind == ModelKind::Ae {
+                not_with("model.kind", "the autoencoder")?;
+            }
+            if self.train.free_bits > 0.0 {
+                not_with("train.free_bits", "free bits")?;
+            }
+            if m.prior == Prior::Vamp {
+                not_with("model.prior", "the VampPrior")?;
+            }
+            if m.wiring == Wiring::Hvae {
+                not_with("model.wiring", "the hvae wiring (Tomczak & Welling's)")?;
+            }
+            if self.train.engine == EngineKind::Fused {
+                not_with("train.engine", "the fused CPU step")?;
+            }
+        }
+        Ok(())
+    }
+
     /// Range checks serde cannot express; each message names the key.
     pub fn validate(&self) -> Result<()> {
         let pos = |v: usize, key: &str| -> Result<()> {
@@ -528,6 +771,7 @@ impl Config {
         if !(f.is_finite() && f > 0.0 && f < 1.0) {
             bail!("key `data.test_fraction` must lie strictly between 0 and 1, got {f}");
         }
+        self.validate_layers()?;
         if self.model.hidden.is_empty() {
             bail!("key `model.hidden` must list at least one width, e.g. [400]");
         }
@@ -754,5 +998,80 @@ mod tests {
         let text = c.to_toml().unwrap();
         let back = resolve(&src(&text), &[]).unwrap();
         assert_eq!(c, back);
+    }
+
+    #[test]
+    fn two_stochastic_layers_parse_round_trip_and_refuse_what_they_lack() {
+        let two = "[model]\nlatent = [100, 50]\nhidden = [[200, 200], [100, 100]]\nactivation = \"tanh\"\n";
+        let c = resolve(&src(two), &[]).unwrap();
+        assert_eq!(
+            (c.model.latent, c.model.hidden.clone()),
+            (100, vec![200, 200])
+        );
+        assert_eq!(
+            c.model.upper,
+            vec![Upper {
+                latent: 50,
+                hidden: vec![100, 100]
+            }]
+        );
+        assert_eq!(c.model.wiring, Wiring::Chain);
+        assert_eq!(
+            (c.model.layers(), c.model.top_latent(), c.model.noise_dim()),
+            (2, 50, 150)
+        );
+        // The resolved config writes the file's shape back, and reads back the same.
+        let text = c.to_toml().unwrap();
+        assert!(text.contains("latent = [100, 50]"), "{text}");
+        assert!(text.contains("hidden = [[200, 200], [100, 100]]"), "{text}");
+        assert_eq!(resolve(&src(&text), &[]).unwrap(), c);
+        // One layer is written as before: a number and a flat list, no wiring.
+        let one = Config::default().to_toml().unwrap();
+        assert!(
+            one.contains("latent = 20") && !one.contains("wiring"),
+            "{one}"
+        );
+        // A list of one latent is the one-layer model.
+        let c = resolve(&src("[model]\nlatent = [8]\nhidden = [[16]]\n"), &[]).unwrap();
+        assert_eq!((c.model.latent, c.model.upper.len()), (8, 0));
+        // Shapes that do not fit, each one line naming the key.
+        for (text, needle) in [
+            (
+                "[model]\nlatent = [100, 50]\nhidden = [200, 200]\n",
+                "key `model.hidden`: 2 stochastic layers",
+            ),
+            (
+                "[model]\nlatent = [10, 5, 2]\nhidden = [[8], [8], [8]]\n",
+                "key `model.latent`: at most two stochastic layers, got 3",
+            ),
+            (
+                "[model]\nlatent = []\n",
+                "key `model.latent` must list at least one",
+            ),
+            (
+                "[model]\nlatent = [10, 0]\nhidden = [[8], [8]]\n",
+                "key `model.latent[1]` must be positive",
+            ),
+            (
+                "[model]\nlatent = [10, 5]\nhidden = [[8], []]\n",
+                "key `model.hidden[1]` must list",
+            ),
+        ] {
+            let e = format!("{:#}", resolve(&src(text), &[]).unwrap_err());
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        for (set, needle) in [
+            ("model.flows=2", "key `model.flows`"),
+            ("model.kind=ae", "key `model.kind`"),
+            ("model.prior=vamp", "key `model.prior`"),
+            ("model.wiring=hvae", "key `model.wiring`"),
+            ("train.engine=fused", "key `train.engine`"),
+            ("train.free_bits=0.5", "key `train.free_bits`"),
+        ] {
+            let e = format!("{:#}", resolve(&src(two), &[set.to_string()]).unwrap_err());
+            assert!(e.contains(needle), "{set}: {e}");
+        }
+        // The mixture prior on the top layer is built.
+        resolve(&src(two), &["model.prior=mog".into()]).unwrap();
     }
 }

@@ -83,6 +83,13 @@ fn activation_name(a: Activation) -> &'static str {
 /// The page for the run `l`, its scatter holding the first `limit` test images (0 = all).
 pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
     let zd = l.model.cfg.latent;
+    if !l.model.cfg.upper.is_empty() {
+        bail!(
+            "{}: the explorer's page decodes one stochastic layer; this run has two \
+             (vae manifold, scatter and interpolate draw its top layer)",
+            l.dir.display()
+        );
+    }
     if zd < 2 {
         bail!("the run's latent space is 1-D; the explorer needs a plane (vae manifold --dim 1 traverses it)");
     }

@@ -15,6 +15,8 @@ static FIRST_NS: AtomicI64 = AtomicI64::new(0);
 pub const SAME_MOMENT_NS: i64 = 500_000_000;
 
 /// CLOCK_MONOTONIC in nanoseconds; clock_gettime is async-signal-safe (POSIX.1-2008).
+// time_t and c_long are i64 here but narrower on some targets, so the casts stay.
+#[allow(clippy::unnecessary_cast)]
 fn now_ns() -> i64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -86,6 +86,28 @@ pub struct Vae {
     dec_logvar: Option<Tensor>,
     /// The prior's parameters, if it has any.
     prior: PriorParams,
+    /// A second stochastic layer (chain wiring), if the model has one.
+    upper: Option<Chain>,
+}
+
+/// Burda et al.'s second stochastic layer (2015, section 5; yburda/iwae): q(z2|z1) and p(z1|z2),
+/// each an MLP (`upper.hidden` up, mirrored down) with two Gaussian heads, mu and log sigma^2.
+struct Chain {
+    /// z1 (B, Z1) -> hidden.
+    enc: Mlp,
+    enc_mu: Linear,
+    enc_logvar: Linear,
+    /// z2 (B, Z2) -> hidden, mirrored.
+    dec: Mlp,
+    dec_mu: Linear,
+    dec_logvar: Linear,
+}
+
+/// log N(z; mu, exp(lv)) without its -1/2 ln 2 pi per dimension (both sides of the bound
+/// carry the same count, so they cancel), summed over dimensions: (N, Z) -> (N,).
+fn log_normal(z: &Tensor, mu: &Tensor, lv: &Tensor) -> Result<Tensor> {
+    let q = ((z - mu)?.sqr()? * lv.neg()?.exp()?)?;
+    (q + lv)?.sum(1)? * -0.5
 }
 
 /// The prior p(z) and its parameters.
@@ -185,10 +207,30 @@ impl Vae {
                 Some(Tensor::new(&[(2.0 * cfg.sigma.ln()) as f32], vb.device())?)
             }
         };
+        let upper = match cfg.upper.first() {
+            None => None,
+            Some(u) => {
+                let up: Vec<usize> = std::iter::once(cfg.latent)
+                    .chain(u.hidden.iter().copied())
+                    .collect();
+                let down: Vec<usize> = std::iter::once(u.latent)
+                    .chain(u.hidden.iter().rev().copied())
+                    .collect();
+                let (top_up, top_down) = (*up.last().unwrap_or(&cfg.latent), u.hidden[0]);
+                Some(Chain {
+                    enc: Mlp::new(&up, cfg.activation, vb.pp("encoder2.hidden"))?,
+                    enc_mu: candle_nn::linear(top_up, u.latent, vb.pp("encoder2.mu"))?,
+                    enc_logvar: candle_nn::linear(top_up, u.latent, vb.pp("encoder2.logvar"))?,
+                    dec: Mlp::new(&down, cfg.activation, vb.pp("decoder2.hidden"))?,
+                    dec_mu: candle_nn::linear(top_down, cfg.latent, vb.pp("decoder2.mu"))?,
+                    dec_logvar: candle_nn::linear(top_down, cfg.latent, vb.pp("decoder2.logvar"))?,
+                })
+            }
+        };
         let prior = match cfg.prior {
             Prior::Normal => PriorParams::Normal,
             Prior::Mog => {
-                let k = (cfg.prior_components, cfg.latent);
+                let k = (cfg.prior_components, cfg.top_latent());
                 PriorParams::Mog(vb.get(k, "prior.means")?, vb.get(k, "prior.logvars")?)
             }
             Prior::Vamp => {
@@ -197,6 +239,7 @@ impl Vae {
         };
         Ok(Vae {
             prior,
+            upper,
             cfg: cfg.clone(),
             input_dim,
             enc,
@@ -236,6 +279,9 @@ impl Vae {
 
     /// S samples of z per image through the flows, decoded; `eps` is (B S, Z), image-major.
     pub fn samples(&self, x: &Tensor, eps: &Tensor, s: usize) -> Result<Samples> {
+        if let Some(c) = &self.upper {
+            return self.samples_chain(c, x, eps, s);
+        }
         let ((mu, lv), fp) = self.encode_full(x)?;
         let xr = repeat_rows(x, s)?;
         if self.is_ae() {
@@ -287,6 +333,62 @@ impl Vae {
             log_q_over_p: lqp,
             kl_dims,
         })
+    }
+
+    /// Two stochastic layers, chain wiring: `eps` (B S, Z1 + Z2) holds each sample's noise for
+    /// z1 (its first Z1 columns) and z2. z1 = mu1(x) + sigma1(x) e1, z2 = mu2(z1) + sigma2(z1) e2;
+    /// the KL term is the one-sample log q(z1|x) + log q(z2|z1) - log p(z1|z2) - log p(z2)
+    /// (Burda et al. 2015 train on exactly these weights).
+    fn samples_chain(&self, c: &Chain, x: &Tensor, eps: &Tensor, s: usize) -> Result<Samples> {
+        let z1d = self.cfg.latent;
+        let z2d = eps.dim(1)? - z1d;
+        let (e1, e2) = (eps.narrow(1, 0, z1d)?, eps.narrow(1, z1d, z2d)?);
+        let (mu1, lv1) = self.encode(x)?;
+        let (mu1, lv1) = (repeat_rows(&mu1, s)?, repeat_rows(&lv1, s)?);
+        let z1 = Self::reparameterize(&mu1, &lv1, &e1)?;
+        let (mu2, lv2) = c.encode(&z1, &self.cfg)?;
+        let z2 = Self::reparameterize(&mu2, &lv2, &e2)?;
+        let (pmu1, plv1) = c.decode(&z2)?;
+        let out = self.decode(&z1)?;
+        let recon = self.recon_nll(&out, &repeat_rows(x, s)?)?;
+        // log q at z = mu + sigma e is -1/2 sum(lv + e^2): the quadratic is e^2 exactly.
+        let log_q = ((((e1.sqr()? + &lv1)?.sum(1)? + (e2.sqr()? + &lv2)?.sum(1)?)?) * -0.5)?;
+        let log_p = (log_normal(&z1, &pmu1, &plv1)? + self.log_prior(&z2)?)?;
+        let lqp = (log_q - log_p)?;
+        Ok(Samples {
+            recon,
+            kl: lqp.clone(),
+            log_q_over_p: lqp,
+            kl_dims: None,
+        })
+    }
+
+    /// The code of `x` (B, D) in the top stochastic layer, and the pixel space of a code there:
+    /// with one layer, z itself; with two, z2's posterior mean at z1's (mu2(mu1(x))).
+    fn top_code(&self, z1: Tensor) -> Result<Tensor> {
+        match &self.upper {
+            None => Ok(z1),
+            Some(c) => Ok(c.encode(&z1, &self.cfg)?.0),
+        }
+    }
+
+    /// q at the top stochastic layer: mu, logvar (B, Z_top); with two layers, q(z2|z1) at z1's
+    /// posterior mean.
+    pub fn encode_top(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (mu, lv) = self.encode(x)?;
+        match &self.upper {
+            None => Ok((mu, lv)),
+            Some(c) => c.encode(&mu, &self.cfg),
+        }
+    }
+
+    /// The decoder's raw output for a code `z` of the top stochastic layer (B, Z_top): with two
+    /// layers, through p(z1|z2)'s mean. The pictures decode this way.
+    pub fn decode_top(&self, z: &Tensor) -> Result<Tensor> {
+        match &self.upper {
+            None => self.decode(z),
+            Some(c) => self.decode(&c.decode(z)?.0),
+        }
     }
 
     /// Each flow step's (u, w, b) for S samples per image: from the amortized head's output
@@ -377,7 +479,7 @@ impl Vae {
         for (u, w, b) in &self.flow_steps(fp.as_ref(), 1)? {
             z = planar(&z, u, w, b)?.0;
         }
-        Ok(z)
+        self.top_code(z)
     }
 
     /// The loss a training step minimizes, and the batch's summed true -ELBO terms [recon, kl]
@@ -473,7 +575,7 @@ impl Vae {
         // The closed-form KL is the standard normal prior's only: a mixture prior (mog, vamp)
         // takes the one-sample log q(z|x) - log p(z) of `samples`, as training does.
         let normal = matches!(self.prior, PriorParams::Normal);
-        if matches!(self.flows, Flows::None) && !self.is_ae() && normal {
+        if matches!(self.flows, Flows::None) && !self.is_ae() && normal && self.upper.is_none() {
             let f = self.forward(x, eps)?;
             return Ok((
                 self.recon_nll(&f.out, x)?,
@@ -482,6 +584,21 @@ impl Vae {
         }
         let t = self.samples(x, eps, 1)?;
         Ok((t.recon, t.kl))
+    }
+}
+
+impl Chain {
+    /// q(z2|z1): mu2, logvar2 (B, Z2) each; the log-variance clip applies as to q(z1|x).
+    fn encode(&self, z1: &Tensor, cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
+        let h = self.enc.forward(z1)?;
+        let lv = clip_logvar(&self.enc_logvar.forward(&h)?, cfg)?;
+        Ok((self.enc_mu.forward(&h)?, lv))
+    }
+
+    /// p(z1|z2): mu1, logvar1 (B, Z1) each.
+    fn decode(&self, z2: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h = self.dec.forward(z2)?;
+        Ok((self.dec_mu.forward(&h)?, self.dec_logvar.forward(&h)?))
     }
 }
 
@@ -569,6 +686,29 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
         prev = h;
     }
     lin("decoder.out".into(), prev, input_dim);
+    // The second stochastic layer: q(z2|z1) up, p(z1|z2) down (chain wiring).
+    if let Some(u) = cfg.upper.first() {
+        let mut prev = cfg.latent;
+        for (i, &h) in u.hidden.iter().enumerate() {
+            lin(format!("encoder2.hidden.{i}"), prev, h);
+            if gated {
+                lin(format!("encoder2.hidden.{i}.gate"), prev, h);
+            }
+            prev = h;
+        }
+        lin("encoder2.mu".into(), prev, u.latent);
+        lin("encoder2.logvar".into(), prev, u.latent);
+        let mut prev = u.latent;
+        for (i, &h) in u.hidden.iter().rev().enumerate() {
+            lin(format!("decoder2.hidden.{i}"), prev, h);
+            if gated {
+                lin(format!("decoder2.hidden.{i}.gate"), prev, h);
+            }
+            prev = h;
+        }
+        lin("decoder2.mu".into(), prev, cfg.latent);
+        lin("decoder2.logvar".into(), prev, cfg.latent);
+    }
     if cfg.decoder == DecoderKind::Gaussian && cfg.learn_sigma {
         v.push(("decoder.logvar".into(), vec![input_dim], 0));
     }
@@ -580,7 +720,7 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
         ));
     }
     if cfg.prior == Prior::Mog {
-        let k = vec![cfg.prior_components, cfg.latent];
+        let k = vec![cfg.prior_components, cfg.top_latent()];
         // Means start at U(-1, 1) (fan-in 1); log-variances at 0 (a flag fan-in of usize::MAX).
         v.push(("prior.means".into(), k.clone(), 1));
         v.push(("prior.logvars".into(), k, usize::MAX));
@@ -879,6 +1019,95 @@ mod tests {
             VarBuilder::from_tensors(p, DType::F32, &Device::Cpu),
         )
         .unwrap()
+    }
+
+    /// Burda et al.'s two-layer chain, 6-4-3 up and 2 on top: `samples` against log p(x, z1, z2) -
+    /// log q(z1, z2 | x) written out from the full Gaussian and Bernoulli densities, ln 2 pi
+    /// terms included, at z1, z2 built here from the same noise.
+    #[test]
+    fn two_layer_chain_weights_are_the_joint_over_the_proposal() {
+        let d = Device::Cpu;
+        let cfg = ModelConfig {
+            hidden: vec![5],
+            latent: 3,
+            upper: vec![crate::config::Upper {
+                latent: 2,
+                hidden: vec![4],
+            }],
+            activation: Activation::Tanh,
+            ..Default::default()
+        };
+        let m = model_of(&cfg, 6);
+        let c = m.upper.as_ref().unwrap();
+        let x = Tensor::new(&[[0f32, 1., 1., 0., 1., 0.], [1., 0., 0., 1., 1., 1.]], &d).unwrap();
+        let eps = Tensor::new(
+            &[[0.3f32, -1.2, 0.5, 0.7, -0.1], [-0.4, 0.9, 1.1, -1.5, 0.2]],
+            &d,
+        )
+        .unwrap();
+        let t = m.samples(&x, &eps, 1).unwrap();
+        let got = (t.recon + &t.log_q_over_p)
+            .unwrap()
+            .neg()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // The same by hand, row by row, in f64.
+        let v2 = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        let ln_n = |z: &[f64], mu: &[f64], lv: &[f64]| -> f64 {
+            z.iter()
+                .zip(mu)
+                .zip(lv)
+                .map(|((z, m), l)| -0.5 * (l + (z - m).powi(2) / l.exp() + loss::LN_2PI))
+                .sum()
+        };
+        let (mu1, lv1) = m.encode(&x).unwrap();
+        let (mu1, lv1, e) = (v2(&mu1), v2(&lv1), v2(&eps));
+        for r in 0..2 {
+            let z1: Vec<f64> = (0..3)
+                .map(|j| mu1[r][j] + (0.5 * lv1[r][j]).exp() * e[r][j])
+                .collect();
+            let z1t = Tensor::new(z1.iter().map(|&v| v as f32).collect::<Vec<_>>(), &d)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let (mu2, lv2) = c.encode(&z1t, &cfg).unwrap();
+            let (mu2, lv2) = (v2(&mu2)[0].clone(), v2(&lv2)[0].clone());
+            let z2: Vec<f64> = (0..2)
+                .map(|j| mu2[j] + (0.5 * lv2[j]).exp() * e[r][3 + j])
+                .collect();
+            let z2t = Tensor::new(z2.iter().map(|&v| v as f32).collect::<Vec<_>>(), &d)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let (pm, pl) = c.decode(&z2t).unwrap();
+            let (pm, pl) = (v2(&pm)[0].clone(), v2(&pl)[0].clone());
+            let logits = v2(&m.decode(&z1t).unwrap())[0].clone();
+            let xr = &v2(&x)[r];
+            let log_px: f64 = logits
+                .iter()
+                .zip(xr)
+                .map(|(l, x)| x * l - (1.0 + l.exp()).ln())
+                .sum();
+            let log_p = log_px + ln_n(&z1, &pm, &pl) + ln_n(&z2, &[0.0; 2], &[0.0; 2]);
+            let log_q = ln_n(&z1, &mu1[r], &lv1[r]) + ln_n(&z2, &mu2, &lv2);
+            let want = log_p - log_q;
+            assert!(
+                (got[r] as f64 - want).abs() < 1e-3,
+                "row {r}: {} against {want}",
+                got[r]
+            );
+        }
+        // The one-sample -ELBO is these weights' negative, and the KL term carries no closed form.
+        let (recon, kl) = m.neg_elbo_terms(&x, &eps).unwrap();
+        let nelbo = (recon + kl).unwrap().to_vec1::<f32>().unwrap();
+        for r in 0..2 {
+            assert!((nelbo[r] + got[r]).abs() < 1e-3);
+        }
+        // The pictures' space is the top layer: codes and decodes are 2-D.
+        assert_eq!(m.code(&x).unwrap().dims(), &[2, 2]);
+        let z = Tensor::zeros((3, 2), DType::F32, &d).unwrap();
+        assert_eq!(m.decode_top(&z).unwrap().dims(), &[3, 6]);
     }
 
     #[test]

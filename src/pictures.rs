@@ -36,11 +36,11 @@ fn check_scale(scale: usize) -> Result<()> {
 
 /// Decoder pixel means for `z` (n, Z) on the host, in chunks.
 pub fn decode_means(l: &Loaded, z: &[f32]) -> Result<Vec<f32>> {
-    let zd = l.model.cfg.latent;
+    let zd = l.model.cfg.top_latent();
     let mut out = Vec::with_capacity(z.len() / zd * l.dim());
     for c in z.chunks(CHUNK * zd) {
         let t = Tensor::from_slice(c, (c.len() / zd, zd), &l.dev)?;
-        let m = l.model.mean(&l.model.decode(&t)?)?;
+        let m = l.model.mean(&l.model.decode_top(&t)?)?;
         out.extend(m.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)
@@ -50,7 +50,7 @@ pub fn decode_means(l: &Loaded, z: &[f32]) -> Result<Vec<f32>> {
 /// mu, carried through the flows when the model has them (`Vae::code`).
 pub fn encode_means(l: &Loaded, x: &[f32]) -> Result<Vec<f32>> {
     let d = l.dim();
-    let mut out = Vec::with_capacity(x.len() / d * l.model.cfg.latent);
+    let mut out = Vec::with_capacity(x.len() / d * l.model.cfg.top_latent());
     for c in x.chunks(CHUNK * d) {
         let t = Tensor::from_slice(c, (c.len() / d, d), &l.dev)?;
         out.extend(l.model.code(&t)?.flatten_all()?.to_vec1::<f32>()?);
@@ -96,7 +96,7 @@ pub fn sample(
     check_scale(c.scale)?;
     c.output.check()?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let zd = l.model.cfg.latent;
+    let zd = l.model.cfg.top_latent();
     let eps: Vec<f32> = (0..n * zd)
         .map(|_| {
             let e: f32 = StandardNormal.sample(&mut rng);
@@ -133,11 +133,11 @@ pub fn sample(
 /// (dimension, nats).
 pub fn kl_per_dim(l: &Loaded, x: &[f32]) -> Result<Vec<(usize, f64)>> {
     let d = l.dim();
-    let zd = l.model.cfg.latent;
+    let zd = l.model.cfg.top_latent();
     let mut kl = vec![0f64; zd];
     for c in x.chunks(CHUNK * d) {
         let t = Tensor::from_slice(c, (c.len() / d, d), &l.dev)?;
-        let (mu, lv) = l.model.encode(&t)?;
+        let (mu, lv) = l.model.encode_top(&t)?;
         // 1/2 (mu^2 + e^lv - lv - 1) per (image, dimension), summed over images: (Z,).
         let k = (((mu.sqr()? + lv.exp()?)? - &lv)? - 1.0)?
             .sum(0)?
@@ -161,7 +161,7 @@ pub fn manifold(
     axes: Option<(usize, usize)>,
     c: &Common,
 ) -> Result<()> {
-    let zd = l.model.cfg.latent;
+    let zd = l.model.cfg.top_latent();
     if dim != 1 && dim != 2 {
         bail!("--dim {dim}: use 2 (a grid over two latent dimensions) or 1 (each dimension traversed)");
     }
@@ -241,7 +241,7 @@ pub fn manifold(
 /// marginal: N(0, 1)'s at 0 for the standard normal; for a mixture, its mean and its marginals'
 /// quantiles estimated from 100,000 draws of a fixed seed.
 fn prior_grid(l: &Loaded, steps: usize) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
-    let zd = l.model.cfg.latent;
+    let zd = l.model.cfg.top_latent();
     let k = l.model.prior_components();
     if k == 1 && l.model.cfg.prior == crate::config::Prior::Normal {
         return Ok((vec![0.0; zd], vec![picture::normal_quantiles(steps); zd]));
@@ -266,7 +266,7 @@ fn prior_grid(l: &Loaded, steps: usize) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
 /// `n` draws of z from the run's prior (n * Z on the host), from a stream of `seed`: a uniform
 /// component, then its Gaussian.
 pub fn prior_draws(l: &Loaded, n: usize, seed: u64) -> Result<Vec<f32>> {
-    let zd = l.model.cfg.latent;
+    let zd = l.model.cfg.top_latent();
     let mut rng = StdRng::seed_from_u64(seed);
     let eps: Vec<f32> = (0..n * zd)
         .map(|_| StandardNormal.sample(&mut rng))
@@ -278,7 +278,7 @@ pub fn prior_draws(l: &Loaded, n: usize, seed: u64) -> Result<Vec<f32>> {
 
 /// z = the prior's transform of standard-normal `eps` (n * Z) with components `pick`.
 pub fn prior_z(l: &Loaded, eps: &[f32], pick: &[usize]) -> Result<Vec<f32>> {
-    let zd = l.model.cfg.latent;
+    let zd = l.model.cfg.top_latent();
     let t = Tensor::from_slice(eps, (eps.len() / zd, zd), &l.dev)?;
     Ok(l.model.prior_z(&t, pick)?.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -396,7 +396,7 @@ pub fn interpolate(
     c.output.check()?;
     let px = eval::test_pixels(&l.cfg, &test);
     let d = l.dim();
-    let zd = l.model.cfg.latent;
+    let zd = l.model.cfg.top_latent();
     let mut x = px[from * d..(from + 1) * d].to_vec();
     x.extend_from_slice(&px[to * d..(to + 1) * d]);
     let mu = encode_means(l, &x)?;
@@ -550,7 +550,7 @@ pub fn pca(v: &[f32], k: usize) -> Pca {
 /// `vae scatter`: the test set's posterior means, one dot per image coloured by class; 2-D
 /// latents as they are, more dimensions projected onto their first two principal components.
 pub fn scatter(l: &Loaded, limit: usize, c: &Common) -> Result<()> {
-    let zd = l.model.cfg.latent;
+    let zd = l.model.cfg.top_latent();
     if zd < 2 {
         bail!("the run's latent space is 1-D; the scatter needs at least 2 dimensions");
     }
@@ -615,7 +615,7 @@ pub fn epoch_pictures(
 ) -> Result<()> {
     let dir = run_dir.join("pictures");
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let n = z.len() / l.model.cfg.latent;
+    let n = z.len() / l.model.cfg.top_latent();
     // The fixed standard-normal draws through the run's prior (component i mod K for image i).
     let z = prior_z(l, z, &(0..n).collect::<Vec<_>>())?;
     let px = decode_means(l, &z)?;

@@ -116,7 +116,7 @@ where
         .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 1.0) };
     let pad = ((hi - lo) * 0.08).max(0.5);
-    let (x0, x1) = epoch_range(&shown);
+    let (x0, x1) = epoch_range(shown);
     // A log axis plots log10(epoch) on a linear one and labels its ticks as epochs.
     let log_x = x1 - 0.5 >= LOG_EPOCHS;
     let tx = |e: f64| if log_x { e.log10() } else { e };

@@ -425,7 +425,7 @@ impl<'a> Session<'a> {
             done,
             csv,
             partial,
-            picture_z: pictures::fixed_z(cfg.seed, 64, cfg.model.latent),
+            picture_z: pictures::fixed_z(cfg.seed, 64, cfg.model.top_latent()),
             test_px,
             ds,
         })
@@ -487,7 +487,7 @@ impl<'a> Session<'a> {
                     chunk.len(),
                     dynamic,
                     self.dim,
-                    cfg.model.latent * samples,
+                    cfg.model.noise_dim() * samples,
                     &mut rng,
                 );
             }
@@ -496,13 +496,13 @@ impl<'a> Session<'a> {
         }
         let rest = &order[(skip * bs).min(order.len())..];
         self.engine
-            .begin_epoch(rest, dynamic, samples, cfg.model.latent, &mut rng)?;
+            .begin_epoch(rest, dynamic, samples, cfg.model.noise_dim(), &mut rng)?;
         self.engine.set_lr(crate::schedule::lr(&cfg.train, epoch));
         for (k, chunk) in order.chunks(bs).enumerate().skip(skip) {
             let o = objective(cfg, self.engine.steps(), steps_per_epoch);
             match self
                 .engine
-                .step(chunk, dynamic, cfg.model.latent, &o, &mut rng)?
+                .step(chunk, dynamic, cfg.model.noise_dim(), &o, &mut rng)?
             {
                 Sums::Host(r, kl) => {
                     host = (host.0 + r, host.1 + kl);
