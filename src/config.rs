@@ -707,11 +707,8 @@ impl Config {
             if self.train.free_bits > 0.0 {
                 not_with("train.free_bits", "free bits")?;
             }
-            if m.prior == Prior::Vamp {
-                not_with("model.prior", "the VampPrior")?;
-            }
-            if m.wiring == Wiring::Hvae {
-                not_with("model.wiring", "the hvae wiring (Tomczak & Welling's)")?;
+            if m.prior == Prior::Vamp && m.wiring == Wiring::Chain {
+                bail!("key `model.prior`: the VampPrior needs q(z2|x), which the chain wiring does not have; use model.wiring = \"hvae\" (Tomczak & Welling's) or another prior");
             }
             if self.train.engine == EngineKind::Fused {
                 not_with("train.engine", "the fused CPU step")?;
@@ -1063,15 +1060,24 @@ mod tests {
         for (set, needle) in [
             ("model.flows=2", "key `model.flows`"),
             ("model.kind=ae", "key `model.kind`"),
-            ("model.prior=vamp", "key `model.prior`"),
-            ("model.wiring=hvae", "key `model.wiring`"),
+            (
+                "model.prior=vamp",
+                "key `model.prior`: the VampPrior needs q(z2|x)",
+            ),
             ("train.engine=fused", "key `train.engine`"),
             ("train.free_bits=0.5", "key `train.free_bits`"),
         ] {
             let e = format!("{:#}", resolve(&src(two), &[set.to_string()]).unwrap_err());
             assert!(e.contains(needle), "{set}: {e}");
         }
-        // The mixture prior on the top layer is built.
+        // The mixture prior on the top layer is built, and the hvae wiring with any prior.
         resolve(&src(two), &["model.prior=mog".into()]).unwrap();
+        let h = resolve(
+            &src(two),
+            &["model.wiring=hvae".into(), "model.prior=vamp".into()],
+        )
+        .unwrap();
+        assert_eq!(h.model.wiring, Wiring::Hvae);
+        assert!(h.to_toml().unwrap().contains("wiring = \"hvae\""));
     }
 }

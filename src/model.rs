@@ -11,7 +11,7 @@
 //! `decoder.hidden.{i}.*`, `decoder.out.*`, `decoder.logvar` (D,) for a learned Gaussian;
 //! with flows, `encoder.flow.*` (amortized: K (2Z + 1) outputs) or `flow.{k}.{u,w,b}` (global).
 
-use crate::config::{Activation, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior};
+use crate::config::{Activation, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior, Wiring};
 use crate::loss::{self, MIN_LOGVAR};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
@@ -28,15 +28,20 @@ pub struct Mlp {
 
 impl Mlp {
     fn new(dims: &[usize], act: Activation, vb: VarBuilder) -> Result<Self> {
+        Self::new_at(dims, act, vb, 0)
+    }
+
+    /// The layers named `first`, `first + 1`, ... under `vb` (a network continued after others).
+    fn new_at(dims: &[usize], act: Activation, vb: VarBuilder, first: usize) -> Result<Self> {
         let layers = dims
             .windows(2)
             .enumerate()
-            .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(i)))
+            .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(first + i)))
             .collect::<Result<Vec<_>>>()?;
         let gates = if act == Activation::Gated {
             dims.windows(2)
                 .enumerate()
-                .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(i).pp("gate")))
+                .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(first + i).pp("gate")))
                 .collect::<Result<Vec<_>>>()?
         } else {
             vec![]
@@ -86,8 +91,34 @@ pub struct Vae {
     dec_logvar: Option<Tensor>,
     /// The prior's parameters, if it has any.
     prior: PriorParams,
-    /// A second stochastic layer (chain wiring), if the model has one.
-    upper: Option<Chain>,
+    /// A second stochastic layer, if the model has one.
+    upper: Option<Second>,
+}
+
+/// The second stochastic layer's networks, by wiring.
+#[allow(clippy::large_enum_variant)] // one per model, never in a collection
+enum Second {
+    Chain(Chain),
+    Hvae(Hvae),
+}
+
+/// Tomczak & Welling's two-level VAE (2018; jmtomczak/vae_vampprior, models/HVAE_2level.py):
+/// q(z2|x) q(z1|x, z2), p(z2) p(z1|z2) p(x|z1, z2). With `hidden = [[b, j...], [h...]]`:
+/// q(z2|x) runs x through h, p(z1|z2) runs z2 through h reversed; q(z1|x, z2) concatenates a
+/// layer of b units on x (the Vae's `enc`, `encoder.hidden.0`) and one on z2 (`encoder.z2.0`)
+/// and runs the 2b through j (`encoder.hidden.1`, ...); p(x|z1, z2) mirrors it (the Vae's
+/// `dec` on z1 and `decoder.z2.0` on z2, then `decoder.hidden.1`, ..., and `decoder.out`).
+struct Hvae {
+    q2: Mlp,
+    q2_mu: Linear,
+    q2_logvar: Linear,
+    q1_z2: Mlp,
+    q1_joint: Mlp,
+    p1: Mlp,
+    p1_mu: Linear,
+    p1_logvar: Linear,
+    px_z2: Mlp,
+    px_joint: Mlp,
 }
 
 /// Burda et al.'s second stochastic layer (2015, section 5; yburda/iwae): q(z2|z1) and p(z1|z2),
@@ -164,12 +195,30 @@ pub struct Forward {
 
 impl Vae {
     pub fn new(cfg: &ModelConfig, input_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let hvae = !cfg.upper.is_empty() && cfg.wiring == Wiring::Hvae;
+        // hvae: `enc` and `dec` are the branches on x and on z1 (their first width only); the
+        // heads sit on the joint networks' top (`hvae_top`).
+        let widths = if hvae {
+            &cfg.hidden[..1]
+        } else {
+            &cfg.hidden[..]
+        };
         let enc_dims: Vec<usize> = std::iter::once(input_dim)
-            .chain(cfg.hidden.iter().copied())
+            .chain(widths.iter().copied())
             .collect();
-        let top = *enc_dims.last().unwrap_or(&input_dim);
+        let top = if hvae {
+            hvae_top(&cfg.hidden)
+        } else {
+            *enc_dims.last().unwrap_or(&input_dim)
+        };
+        let dec_first: Vec<usize> = cfg.hidden.iter().rev().copied().collect();
+        let dec_widths = if hvae {
+            &dec_first[..1]
+        } else {
+            &dec_first[..]
+        };
         let dec_dims: Vec<usize> = std::iter::once(cfg.latent)
-            .chain(cfg.hidden.iter().rev().copied())
+            .chain(dec_widths.iter().copied())
             .collect();
         let enc = Mlp::new(&enc_dims, cfg.activation, vb.pp("encoder.hidden"))?;
         let enc_mu = candle_nn::linear(top, cfg.latent, vb.pp("encoder.mu"))?;
@@ -199,7 +248,16 @@ impl Vae {
             ),
         };
         let dec = Mlp::new(&dec_dims, cfg.activation, vb.pp("decoder.hidden"))?;
-        let dec_out = candle_nn::linear(cfg.hidden[0], input_dim, vb.pp("decoder.out"))?;
+        // hvae: the decoder's joint network ends at the first width too (`hidden_top` mirrored).
+        let dec_out = candle_nn::linear(
+            if hvae {
+                hvae_out(&cfg.hidden)
+            } else {
+                cfg.hidden[0]
+            },
+            input_dim,
+            vb.pp("decoder.out"),
+        )?;
         let dec_logvar = match (cfg.decoder, cfg.learn_sigma) {
             (DecoderKind::Bernoulli, _) => None,
             (DecoderKind::Gaussian, true) => Some(vb.get(input_dim, "decoder.logvar")?),
@@ -209,6 +267,36 @@ impl Vae {
         };
         let upper = match cfg.upper.first() {
             None => None,
+            Some(u) if hvae => {
+                let act = cfg.activation;
+                let (b, h) = (cfg.hidden[0], &cfg.hidden);
+                let q2_dims: Vec<usize> = std::iter::once(input_dim)
+                    .chain(u.hidden.iter().copied())
+                    .collect();
+                let p1_dims: Vec<usize> = std::iter::once(u.latent)
+                    .chain(u.hidden.iter().rev().copied())
+                    .collect();
+                let joint: Vec<usize> = std::iter::once(2 * b)
+                    .chain(h[1..].iter().copied())
+                    .collect();
+                let rev: Vec<usize> = h.iter().rev().copied().collect();
+                let pjoint: Vec<usize> = std::iter::once(2 * rev[0])
+                    .chain(rev[1..].iter().copied())
+                    .collect();
+                let (q2_top, p1_top) = (*q2_dims.last().unwrap_or(&input_dim), u.hidden[0]);
+                Some(Second::Hvae(Hvae {
+                    q2: Mlp::new(&q2_dims, act, vb.pp("encoder2.hidden"))?,
+                    q2_mu: candle_nn::linear(q2_top, u.latent, vb.pp("encoder2.mu"))?,
+                    q2_logvar: candle_nn::linear(q2_top, u.latent, vb.pp("encoder2.logvar"))?,
+                    q1_z2: Mlp::new(&[u.latent, b], act, vb.pp("encoder.z2"))?,
+                    q1_joint: Mlp::new_at(&joint, act, vb.pp("encoder.hidden"), 1)?,
+                    p1: Mlp::new(&p1_dims, act, vb.pp("decoder2.hidden"))?,
+                    p1_mu: candle_nn::linear(p1_top, cfg.latent, vb.pp("decoder2.mu"))?,
+                    p1_logvar: candle_nn::linear(p1_top, cfg.latent, vb.pp("decoder2.logvar"))?,
+                    px_z2: Mlp::new(&[u.latent, rev[0]], act, vb.pp("decoder.z2"))?,
+                    px_joint: Mlp::new_at(&pjoint, act, vb.pp("decoder.hidden"), 1)?,
+                }))
+            }
             Some(u) => {
                 let up: Vec<usize> = std::iter::once(cfg.latent)
                     .chain(u.hidden.iter().copied())
@@ -217,14 +305,14 @@ impl Vae {
                     .chain(u.hidden.iter().rev().copied())
                     .collect();
                 let (top_up, top_down) = (*up.last().unwrap_or(&cfg.latent), u.hidden[0]);
-                Some(Chain {
+                Some(Second::Chain(Chain {
                     enc: Mlp::new(&up, cfg.activation, vb.pp("encoder2.hidden"))?,
                     enc_mu: candle_nn::linear(top_up, u.latent, vb.pp("encoder2.mu"))?,
                     enc_logvar: candle_nn::linear(top_up, u.latent, vb.pp("encoder2.logvar"))?,
                     dec: Mlp::new(&down, cfg.activation, vb.pp("decoder2.hidden"))?,
                     dec_mu: candle_nn::linear(top_down, cfg.latent, vb.pp("decoder2.mu"))?,
                     dec_logvar: candle_nn::linear(top_down, cfg.latent, vb.pp("decoder2.logvar"))?,
-                })
+                }))
             }
         };
         let prior = match cfg.prior {
@@ -279,8 +367,10 @@ impl Vae {
 
     /// S samples of z per image through the flows, decoded; `eps` is (B S, Z), image-major.
     pub fn samples(&self, x: &Tensor, eps: &Tensor, s: usize) -> Result<Samples> {
-        if let Some(c) = &self.upper {
-            return self.samples_chain(c, x, eps, s);
+        match &self.upper {
+            Some(Second::Chain(c)) => return self.samples_chain(c, x, eps, s),
+            Some(Second::Hvae(h)) => return self.samples_hvae(h, x, eps, s),
+            None => {}
         }
         let ((mu, lv), fp) = self.encode_full(x)?;
         let xr = repeat_rows(x, s)?;
@@ -348,7 +438,7 @@ impl Vae {
         let z1 = Self::reparameterize(&mu1, &lv1, &e1)?;
         let (mu2, lv2) = c.encode(&z1, &self.cfg)?;
         let z2 = Self::reparameterize(&mu2, &lv2, &e2)?;
-        let (pmu1, plv1) = c.decode(&z2)?;
+        let (pmu1, plv1) = c.decode(&z2, &self.cfg)?;
         let out = self.decode(&z1)?;
         let recon = self.recon_nll(&out, &repeat_rows(x, s)?)?;
         // log q at z = mu + sigma e is -1/2 sum(lv + e^2): the quadratic is e^2 exactly.
@@ -363,22 +453,72 @@ impl Vae {
         })
     }
 
+    /// Two stochastic layers, hvae wiring: `eps` as for the chain (z1's noise first). z2 =
+    /// mu2(x) + sigma2(x) e2, z1 = mu1(x, z2) + sigma1(x, z2) e1; the KL term is the one-sample
+    /// log q(z1|x, z2) + log q(z2|x) - log p(z1|z2) - log p(z2), as Tomczak & Welling's code.
+    fn samples_hvae(&self, h: &Hvae, x: &Tensor, eps: &Tensor, s: usize) -> Result<Samples> {
+        let z1d = self.cfg.latent;
+        let z2d = eps.dim(1)? - z1d;
+        let (e1, e2) = (eps.narrow(1, 0, z1d)?, eps.narrow(1, z1d, z2d)?);
+        let (mu2, lv2) = h.q2(x, &self.cfg)?;
+        let (mu2, lv2) = (repeat_rows(&mu2, s)?, repeat_rows(&lv2, s)?);
+        let z2 = Self::reparameterize(&mu2, &lv2, &e2)?;
+        let hx = repeat_rows(&self.enc.forward(x)?, s)?;
+        let (mu1, lv1) = self.hvae_q1(h, &hx, &z2)?;
+        let z1 = Self::reparameterize(&mu1, &lv1, &e1)?;
+        let (pmu1, plv1) = h.p1(&z2, &self.cfg)?;
+        let out = self.hvae_px(h, &z1, &z2)?;
+        let recon = self.recon_nll(&out, &repeat_rows(x, s)?)?;
+        let log_q = ((((e1.sqr()? + &lv1)?.sum(1)? + (e2.sqr()? + &lv2)?.sum(1)?)?) * -0.5)?;
+        let log_p = (log_normal(&z1, &pmu1, &plv1)? + self.log_prior(&z2)?)?;
+        let lqp = (log_q - log_p)?;
+        Ok(Samples {
+            recon,
+            kl: lqp.clone(),
+            log_q_over_p: lqp,
+            kl_dims: None,
+        })
+    }
+
+    /// q(z1|x, z2) from the x branch's output `hx` (N, b) and z2 (N, Z2): mu1, logvar1.
+    fn hvae_q1(&self, h: &Hvae, hx: &Tensor, z2: &Tensor) -> Result<(Tensor, Tensor)> {
+        let j = h
+            .q1_joint
+            .forward(&Tensor::cat(&[hx, &h.q1_z2.forward(z2)?], 1)?)?;
+        let lv = match &self.enc_logvar {
+            Some(l) => clip_logvar(&l.forward(&j)?, &self.cfg)?,
+            None => {
+                return Err(candle_core::Error::Msg(
+                    "hvae needs q's log-variance".into(),
+                ))
+            }
+        };
+        Ok((self.enc_mu.forward(&j)?, lv))
+    }
+
+    /// p(x|z1, z2)'s raw output (N, D).
+    fn hvae_px(&self, h: &Hvae, z1: &Tensor, z2: &Tensor) -> Result<Tensor> {
+        let j = Tensor::cat(&[&self.dec.forward(z1)?, &h.px_z2.forward(z2)?], 1)?;
+        self.dec_out.forward(&h.px_joint.forward(&j)?)
+    }
+
     /// The code of `x` (B, D) in the top stochastic layer, and the pixel space of a code there:
-    /// with one layer, z itself; with two, z2's posterior mean at z1's (mu2(mu1(x))).
-    fn top_code(&self, z1: Tensor) -> Result<Tensor> {
+    /// with one layer, z itself; with two, z2's posterior mean (chain: at z1's, mu2(mu1(x))).
+    fn top_code(&self, x: &Tensor, z1: Tensor) -> Result<Tensor> {
         match &self.upper {
             None => Ok(z1),
-            Some(c) => Ok(c.encode(&z1, &self.cfg)?.0),
+            Some(Second::Chain(c)) => Ok(c.encode(&z1, &self.cfg)?.0),
+            Some(Second::Hvae(h)) => Ok(h.q2(x, &self.cfg)?.0),
         }
     }
 
-    /// q at the top stochastic layer: mu, logvar (B, Z_top); with two layers, q(z2|z1) at z1's
-    /// posterior mean.
+    /// q at the top stochastic layer: mu, logvar (B, Z_top); with two layers, q(z2|x) (chain:
+    /// q(z2|z1) at z1's posterior mean).
     pub fn encode_top(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (mu, lv) = self.encode(x)?;
         match &self.upper {
-            None => Ok((mu, lv)),
-            Some(c) => c.encode(&mu, &self.cfg),
+            None => self.encode(x),
+            Some(Second::Chain(c)) => c.encode(&self.encode(x)?.0, &self.cfg),
+            Some(Second::Hvae(h)) => h.q2(x, &self.cfg),
         }
     }
 
@@ -387,7 +527,8 @@ impl Vae {
     pub fn decode_top(&self, z: &Tensor) -> Result<Tensor> {
         match &self.upper {
             None => self.decode(z),
-            Some(c) => self.decode(&c.decode(z)?.0),
+            Some(Second::Chain(c)) => self.decode(&c.decode(z, &self.cfg)?.0),
+            Some(Second::Hvae(h)) => self.hvae_px(h, &h.p1(z, &self.cfg)?.0, z),
         }
     }
 
@@ -449,6 +590,15 @@ impl Vae {
         mk + ((lk * 0.5)?.exp()? * eps)?
     }
 
+    /// The VampPrior's pseudo-inputs, unclipped (tests).
+    #[cfg(test)]
+    fn var_pseudo(&self) -> Tensor {
+        match &self.prior {
+            PriorParams::Vamp(u) => u.clone(),
+            _ => panic!("not a VampPrior"),
+        }
+    }
+
     /// Components of the prior (1 for the standard normal).
     pub fn prior_components(&self) -> usize {
         match &self.prior {
@@ -466,7 +616,7 @@ impl Vae {
         Ok(match &self.prior {
             PriorParams::Normal => None,
             PriorParams::Mog(m, lv) => Some((m.clone(), lv.clone())),
-            PriorParams::Vamp(u) => Some(self.encode(&u.clamp(0f32, 1f32)?)?),
+            PriorParams::Vamp(u) => Some(self.encode_top(&u.clamp(0f32, 1f32)?)?),
         })
     }
 
@@ -474,12 +624,15 @@ impl Vae {
     /// the flows when there are any (z_K = f_K(...f_1(mu)), eps = 0), (B, Z). The pictures
     /// (reconstructions, interpolations, scatter) show this.
     pub fn code(&self, x: &Tensor) -> Result<Tensor> {
+        if matches!(self.upper, Some(Second::Hvae(_))) {
+            return self.top_code(x, x.clone());
+        }
         let ((mu, _), fp) = self.encode_full(x)?;
         let mut z = mu;
         for (u, w, b) in &self.flow_steps(fp.as_ref(), 1)? {
             z = planar(&z, u, w, b)?.0;
         }
-        self.top_code(z)
+        self.top_code(x, z)
     }
 
     /// The loss a training step minimizes, and the batch's summed true -ELBO terms [recon, kl]
@@ -595,10 +748,47 @@ impl Chain {
         Ok((self.enc_mu.forward(&h)?, lv))
     }
 
-    /// p(z1|z2): mu1, logvar1 (B, Z1) each.
-    fn decode(&self, z2: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// p(z1|z2): mu1, logvar1 (B, Z1) each; the log-variance clip applies here too.
+    fn decode(&self, z2: &Tensor, cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
         let h = self.dec.forward(z2)?;
-        Ok((self.dec_mu.forward(&h)?, self.dec_logvar.forward(&h)?))
+        let lv = clip_logvar(&self.dec_logvar.forward(&h)?, cfg)?;
+        Ok((self.dec_mu.forward(&h)?, lv))
+    }
+}
+
+impl Hvae {
+    /// q(z2|x): mu2, logvar2 (B, Z2) each, log-variance clipped as configured.
+    fn q2(&self, x: &Tensor, cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
+        let h = self.q2.forward(x)?;
+        let lv = clip_logvar(&self.q2_logvar.forward(&h)?, cfg)?;
+        Ok((self.q2_mu.forward(&h)?, lv))
+    }
+
+    /// p(z1|z2): mu1, logvar1 (B, Z1) each, log-variance clipped as configured (Tomczak &
+    /// Welling clip all three to [-6, 2]).
+    fn p1(&self, z2: &Tensor, cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
+        let h = self.p1.forward(z2)?;
+        let lv = clip_logvar(&self.p1_logvar.forward(&h)?, cfg)?;
+        Ok((self.p1_mu.forward(&h)?, lv))
+    }
+}
+
+/// The hvae wiring's q(z1|x, z2) top width for `hidden[0] = [b, j...]`: the last joint width,
+/// or the concatenated 2b without joint layers.
+fn hvae_top(h: &[usize]) -> usize {
+    if h.len() > 1 {
+        h[h.len() - 1]
+    } else {
+        2 * h[0]
+    }
+}
+
+/// The hvae wiring's p(x|z1, z2) top width: `hidden[0]` mirrored, so its first width (or 2b).
+fn hvae_out(h: &[usize]) -> usize {
+    if h.len() > 1 {
+        h[0]
+    } else {
+        2 * h[0]
     }
 }
 
@@ -658,13 +848,21 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
         v.push((format!("{name}.bias"), vec![o], i));
     };
     let gated = cfg.activation == Activation::Gated;
+    let hvae = !cfg.upper.is_empty() && cfg.wiring == Wiring::Hvae;
     let mut prev = input_dim;
     for (i, &h) in cfg.hidden.iter().enumerate() {
+        // hvae: layer 0 is the branch on x, the later ones the joint network on [x; z2] (2b).
+        if hvae && i == 1 {
+            prev = 2 * cfg.hidden[0];
+        }
         lin(format!("encoder.hidden.{i}"), prev, h);
         if gated {
             lin(format!("encoder.hidden.{i}.gate"), prev, h);
         }
         prev = h;
+    }
+    if hvae {
+        prev = hvae_top(&cfg.hidden);
     }
     lin("encoder.mu".into(), prev, cfg.latent);
     if cfg.kind == ModelKind::Vae {
@@ -678,17 +876,33 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
         );
     }
     let mut prev = cfg.latent;
+    let last = *cfg.hidden.last().unwrap_or(&0);
     for (i, &h) in cfg.hidden.iter().rev().enumerate() {
+        if hvae && i == 1 {
+            prev = 2 * last;
+        }
         lin(format!("decoder.hidden.{i}"), prev, h);
         if gated {
             lin(format!("decoder.hidden.{i}.gate"), prev, h);
         }
         prev = h;
     }
+    if hvae {
+        prev = hvae_out(&cfg.hidden);
+    }
     lin("decoder.out".into(), prev, input_dim);
-    // The second stochastic layer: q(z2|z1) up, p(z1|z2) down (chain wiring).
+    // The second stochastic layer: q(z2|z1) (chain) or q(z2|x) (hvae) up, p(z1|z2) down; hvae's
+    // branches on z2 into q(z1|x, z2) and p(x|z1, z2).
     if let Some(u) = cfg.upper.first() {
-        let mut prev = cfg.latent;
+        if hvae {
+            for (net, w) in [("encoder.z2.0", cfg.hidden[0]), ("decoder.z2.0", last)] {
+                lin(net.into(), u.latent, w);
+                if gated {
+                    lin(format!("{net}.gate"), u.latent, w);
+                }
+            }
+        }
+        let mut prev = if hvae { input_dim } else { cfg.latent };
         for (i, &h) in u.hidden.iter().enumerate() {
             lin(format!("encoder2.hidden.{i}"), prev, h);
             if gated {
@@ -1038,7 +1252,9 @@ mod tests {
             ..Default::default()
         };
         let m = model_of(&cfg, 6);
-        let c = m.upper.as_ref().unwrap();
+        let Some(Second::Chain(c)) = m.upper.as_ref() else {
+            panic!("a chain")
+        };
         let x = Tensor::new(&[[0f32, 1., 1., 0., 1., 0.], [1., 0., 0., 1., 1., 1.]], &d).unwrap();
         let eps = Tensor::new(
             &[[0.3f32, -1.2, 0.5, 0.7, -0.1], [-0.4, 0.9, 1.1, -1.5, 0.2]],
@@ -1080,7 +1296,7 @@ mod tests {
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
-            let (pm, pl) = c.decode(&z2t).unwrap();
+            let (pm, pl) = c.decode(&z2t, &cfg).unwrap();
             let (pm, pl) = (v2(&pm)[0].clone(), v2(&pl)[0].clone());
             let logits = v2(&m.decode(&z1t).unwrap())[0].clone();
             let xr = &v2(&x)[r];
@@ -1108,6 +1324,116 @@ mod tests {
         assert_eq!(m.code(&x).unwrap().dims(), &[2, 2]);
         let z = Tensor::zeros((3, 2), DType::F32, &d).unwrap();
         assert_eq!(m.decode_top(&z).unwrap().dims(), &[3, 6]);
+    }
+
+    /// Tomczak & Welling's two-level wiring, gated, with the log-variance clip: `samples`
+    /// against the densities written out at z2 ~ q(z2|x), z1 ~ q(z1|x, z2) built here from the
+    /// same noise; their VampPrior on z2 is the mixture of q(z2|u_k).
+    #[test]
+    fn hvae_weights_are_the_joint_over_the_proposal() {
+        let d = Device::Cpu;
+        for prior in [Prior::Normal, Prior::Vamp] {
+            let cfg = ModelConfig {
+                hidden: vec![5, 4],
+                latent: 3,
+                upper: vec![crate::config::Upper {
+                    latent: 2,
+                    hidden: vec![6, 5],
+                }],
+                wiring: Wiring::Hvae,
+                activation: Activation::Gated,
+                logvar_min: Some(-6.0),
+                logvar_max: Some(2.0),
+                prior,
+                prior_components: 3,
+                ..Default::default()
+            };
+            let m = model_of(&cfg, 6);
+            let Some(Second::Hvae(h)) = m.upper.as_ref() else {
+                panic!("hvae")
+            };
+            let x =
+                Tensor::new(&[[0f32, 1., 1., 0., 1., 0.], [1., 0., 0., 1., 1., 1.]], &d).unwrap();
+            let eps = Tensor::new(
+                &[[0.3f32, -1.2, 0.5, 0.7, -0.1], [-0.4, 0.9, 1.1, -1.5, 0.2]],
+                &d,
+            )
+            .unwrap();
+            let t = m.samples(&x, &eps, 1).unwrap();
+            let got = (t.recon + &t.log_q_over_p)
+                .unwrap()
+                .neg()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let v2 = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+            let f32s = |v: &[f64]| {
+                Tensor::new(v.iter().map(|&a| a as f32).collect::<Vec<_>>(), &d)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap()
+            };
+            let ln_n = |z: &[f64], mu: &[f64], lv: &[f64]| -> f64 {
+                z.iter()
+                    .zip(mu)
+                    .zip(lv)
+                    .map(|((z, m), l)| -0.5 * (l + (z - m).powi(2) / l.exp() + loss::LN_2PI))
+                    .sum()
+            };
+            let (e, xs) = (v2(&eps), v2(&x));
+            let (mu2, lv2) = h.q2(&x, &cfg).unwrap();
+            let (mu2, lv2) = (v2(&mu2), v2(&lv2));
+            for r in 0..2 {
+                let z2: Vec<f64> = (0..2)
+                    .map(|j| mu2[r][j] + (0.5 * lv2[r][j]).exp() * e[r][3 + j])
+                    .collect();
+                let xr = x.narrow(0, r, 1).unwrap();
+                let hx = m.enc.forward(&xr).unwrap();
+                let (mu1, lv1) = m.hvae_q1(h, &hx, &f32s(&z2)).unwrap();
+                let (mu1, lv1) = (v2(&mu1)[0].clone(), v2(&lv1)[0].clone());
+                assert!(lv1.iter().all(|l| (-6.0..=2.0).contains(l)));
+                let z1: Vec<f64> = (0..3)
+                    .map(|j| mu1[j] + (0.5 * lv1[j]).exp() * e[r][j])
+                    .collect();
+                let (pm, pl) = h.p1(&f32s(&z2), &cfg).unwrap();
+                let (pm, pl) = (v2(&pm)[0].clone(), v2(&pl)[0].clone());
+                let logits = v2(&m.hvae_px(h, &f32s(&z1), &f32s(&z2)).unwrap())[0].clone();
+                let log_px: f64 = logits
+                    .iter()
+                    .zip(&xs[r])
+                    .map(|(l, x)| x * l - (1.0 + l.exp()).ln())
+                    .sum();
+                // log p(z2): N(0, I), or (1/K) sum_k q(z2 | clip(u_k)) over the pseudo-inputs.
+                let log_pz2 = match m.mixture().unwrap() {
+                    None => ln_n(&z2, &[0.0; 2], &[0.0; 2]),
+                    Some((cm, cl)) => {
+                        let (cm, cl) = (v2(&cm), v2(&cl));
+                        let comps: Vec<f64> = (0..3).map(|k| ln_n(&z2, &cm[k], &cl[k])).collect();
+                        let mx = comps.iter().cloned().fold(f64::MIN, f64::max);
+                        mx + comps.iter().map(|c| (c - mx).exp()).sum::<f64>().ln() - 3f64.ln()
+                    }
+                };
+                let log_p = log_px + ln_n(&z1, &pm, &pl) + log_pz2;
+                let log_q = ln_n(&z1, &mu1, &lv1) + ln_n(&z2, &mu2[r], &lv2[r]);
+                let want = log_p - log_q;
+                assert!(
+                    (got[r] as f64 - want).abs() < 1e-3,
+                    "{prior:?} row {r}: {} against {want}",
+                    got[r]
+                );
+            }
+            // The VampPrior's components are q(z2|u) at the clipped pseudo-inputs.
+            if prior == Prior::Vamp {
+                let u = m.var_pseudo().clamp(0f32, 1f32).unwrap();
+                let (a, _) = h.q2(&u, &cfg).unwrap();
+                let (b, _) = m.mixture().unwrap().unwrap();
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+            }
+            assert_eq!(m.code(&x).unwrap().dims(), &[2, 2]);
+            let z = Tensor::zeros((3, 2), DType::F32, &d).unwrap();
+            assert_eq!(m.decode_top(&z).unwrap().dims(), &[3, 6]);
+        }
     }
 
     #[test]

@@ -467,3 +467,46 @@ fn two_stochastic_layers_train_resume_evaluate_and_draw() {
     }
     fails(a.path(), &["explore", "-o", "e.html"], "two");
 }
+
+/// Tomczak & Welling's two-level wiring with their VampPrior on z2, gated units and the
+/// log-variance clip: trains, scores with --iw, and samples from the prior (z2 from a
+/// pseudo-input's q(z2|u), z1 at p(z1|z2)'s mean).
+#[test]
+fn hvae_with_the_vamp_prior_trains_evaluates_and_samples() {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(
+        t.path(),
+        &[
+            "--set",
+            "model.latent=[8, 4]",
+            "--set",
+            "model.hidden=[[32, 32], [32, 32]]",
+            "--set",
+            "model.wiring=hvae",
+            "--set",
+            "model.prior=vamp",
+            "--set",
+            "model.prior_components=10",
+            "--set",
+            "model.activation=gated",
+            "--set",
+            "model.logvar_min=-6",
+            "--set",
+            "model.logvar_max=2",
+        ],
+    );
+    let m = metrics(&run);
+    let (first, last): (f64, f64) = (m[0][5].parse().unwrap(), m[2][5].parse().unwrap());
+    assert!(last < first, "test -ELBO {first} -> {last}");
+    let params =
+        vae::run::load_tensors(&run.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(params["encoder.z2.0.weight"].dims(), &[32, 4]);
+    assert_eq!(params["encoder.hidden.1.weight"].dims(), &[32, 64]);
+    assert_eq!(params["decoder.z2.0.gate.weight"].dims(), &[32, 4]);
+    assert_eq!(params["encoder2.hidden.0.weight"].dims(), &[32, 784]);
+    assert_eq!(params["prior.pseudo_inputs"].dims(), &[10, 784]);
+    let out = ok(t.path(), &["eval", "--json", "--iw", "10", "--limit", "50"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["iw_nll"].as_f64().unwrap().is_finite(), "{v}");
+    ok(t.path(), &["sample", "-n", "9", "-o", "s.png"]);
+}
