@@ -7,7 +7,9 @@
 #
 # VARIANT: ref (the pytorch/examples recipe), iwae5, iwae50, mc5 (K = 5 or 50 samples per image,
 # importance-weighted or averaged), burda (784-200-200-50 tanh, batch 20, dynamic binarization),
-# burda-iwae5 (the same with IWAE k = 5).
+# burda-iwae5 (the same with IWAE k = 5), burda2 and burda2-iwae5 (Burda et al.'s two stochastic
+# layers, 784-200-200-100 and 100-100-100-50 tanh, chain wiring, batch 20, dynamic binarization;
+# k = 1 and IWAE k = 5).
 # PYTHON names an interpreter with torch (default: python3); PEER the peer script; VAE_BIN a
 # built vae binary to time instead of building target/release/vae.
 set -euo pipefail
@@ -20,6 +22,9 @@ PEER=${PEER:-../shared/bench/torch_vae.py}
 BURDA_VAE=(--set 'model.hidden=[200,200]' --set model.latent=50 --set model.activation=tanh
   --set train.batch_size=20 --set data.binarize=dynamic)
 BURDA_PEER=(--hidden 200,200 --latent 50 --act tanh --batch 20 --binarize dynamic)
+BURDA2_VAE=(--set 'model.latent=[100,50]' --set 'model.hidden=[[200,200],[100,100]]'
+  --set model.activation=tanh --set train.batch_size=20 --set data.binarize=dynamic)
+BURDA2_PEER=(--latent 100,50 --hidden 200,200:100,100 --act tanh --batch 20 --binarize dynamic)
 case "$VARIANT" in
   ref) VAE=(); TORCH=() ;;
   iwae5) VAE=(--set train.iw_samples=5); TORCH=(--k 5 --objective iwae) ;;
@@ -27,7 +32,9 @@ case "$VARIANT" in
   mc5) VAE=(--set train.mc_samples=5); TORCH=(--k 5 --objective mc) ;;
   burda) VAE=("${BURDA_VAE[@]}"); TORCH=("${BURDA_PEER[@]}") ;;
   burda-iwae5) VAE=("${BURDA_VAE[@]}" --set train.iw_samples=5); TORCH=("${BURDA_PEER[@]}" --k 5 --objective iwae) ;;
-  *) echo "error: unknown variant $VARIANT (ref, iwae5, iwae50, mc5, burda, burda-iwae5)" >&2; exit 2 ;;
+  burda2) VAE=("${BURDA2_VAE[@]}"); TORCH=("${BURDA2_PEER[@]}") ;;
+  burda2-iwae5) VAE=("${BURDA2_VAE[@]}" --set train.iw_samples=5); TORCH=("${BURDA2_PEER[@]}" --k 5 --objective iwae) ;;
+  *) echo "error: unknown variant $VARIANT (ref, iwae5, iwae50, mc5, burda, burda-iwae5, burda2, burda2-iwae5)" >&2; exit 2 ;;
 esac
 "$PY" -c 'import torch' 2>/dev/null || { echo "error: $PY has no torch; set PYTHON (see ../shared/bench/README.md)" >&2; exit 1; }
 [ -f "$PEER" ] || { echo "error: no peer script at $PEER; set PEER" >&2; exit 1; }
