@@ -30,10 +30,22 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ("mnist-ae.toml", include_str!("../configs/mnist-ae.toml")),
     ("tiny.toml", include_str!("../configs/tiny.toml")),
     ("burda-vae.toml", include_str!("../configs/burda-vae.toml")),
-    ("burda2-vae.toml", include_str!("../configs/burda2-vae.toml")),
-    ("burda2-iwae5.toml", include_str!("../configs/burda2-iwae5.toml")),
-    ("burda2-iwae50.toml", include_str!("../configs/burda2-iwae50.toml")),
-    ("vamp-hvae-standard.toml", include_str!("../configs/vamp-hvae-standard.toml")),
+    (
+        "burda2-vae.toml",
+        include_str!("../configs/burda2-vae.toml"),
+    ),
+    (
+        "burda2-iwae5.toml",
+        include_str!("../configs/burda2-iwae5.toml"),
+    ),
+    (
+        "burda2-iwae50.toml",
+        include_str!("../configs/burda2-iwae50.toml"),
+    ),
+    (
+        "vamp-hvae-standard.toml",
+        include_str!("../configs/vamp-hvae-standard.toml"),
+    ),
     ("vamp-hvae.toml", include_str!("../configs/vamp-hvae.toml")),
     (
         "burda-iwae5.toml",

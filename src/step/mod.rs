@@ -5,6 +5,8 @@
 //! - `math`: matrix products and vector math (exp, tanh, softplus, log-sum-exp);
 //! - `linear`: the dense layer and its activation;
 //! - `latent`: q(z|x), z = mu + sigma eps with S samples per image, the closed-form KL;
+//! - `conditional`: a second stochastic layer's density p(z1|z2) scored at z1 (its own gradient
+//!   test; not yet wired into `Fused`, which trains one stochastic layer: two train on autograd);
 //! - `planar`: a planar flow step (Rezende & Mohamed 2015);
 //! - `likelihood`: Bernoulli and Gaussian p(x|z);
 //! - `objective`: ELBO / Monte-Carlo mean, the IWAE bound (Burda et al. 2015), free bits;
@@ -26,6 +28,7 @@
 //! `tests::matches_autograd` checks every family's loss and gradients against candle's autograd.
 
 pub mod adam;
+pub mod conditional;
 pub mod iw;
 pub mod latent;
 pub mod likelihood;
