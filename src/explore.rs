@@ -82,11 +82,13 @@ fn activation_name(a: Activation) -> &'static str {
 
 /// The page for the run `l`, its scatter holding the first `limit` test images (0 = all).
 pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
-    let zd = l.model.cfg.latent;
-    if !l.model.cfg.upper.is_empty() {
+    let cfg = &l.model.cfg;
+    let zd = cfg.top_latent();
+    if !cfg.upper.is_empty() && cfg.wiring == crate::config::Wiring::Hvae {
         bail!(
-            "{}: the explorer's page decodes one stochastic layer; this run has two \
-             (vae manifold, scatter and interpolate draw its top layer)",
+            "{}: the explorer's page decodes one stochastic layer or the chain wiring; this run's \
+             hvae wiring joins z1 and z2 in its decoder (vae manifold, scatter and interpolate \
+             draw its top layer)",
             l.dir.display()
         );
     }
@@ -104,19 +106,33 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
             .to_vec1::<f32>()
             .with_context(|| format!("{}: tensor {name}", l.dir.display()))
     };
-    // The decoder: hidden layers (the encoder's widths reversed), then the output layer.
+    // The decoder: hidden layers (the encoder's widths reversed), then the output layer. With a
+    // second stochastic layer (chain wiring) the page decodes a code of z2 through p(z1|z2)'s
+    // mean first: its hidden layers, then its mu head (`linear`: no activation), as `vae`'s
+    // pictures do (`Vae::decode_top`).
     let mut layers = Vec::new();
     let mut prev = zd;
-    let gated = l.model.cfg.activation == Activation::Gated;
-    let widths: Vec<usize> = l.model.cfg.hidden.iter().rev().copied().collect();
-    for (i, &h) in widths.iter().enumerate() {
-        let name = format!("decoder.hidden.{i}");
+    let gated = cfg.activation == Activation::Gated;
+    let mut names: Vec<(String, usize)> = Vec::new();
+    if let Some(u) = cfg.upper.first() {
+        for (i, &h) in u.hidden.iter().rev().enumerate() {
+            names.push((format!("decoder2.hidden.{i}"), h));
+        }
+        names.push(("decoder2.mu".into(), cfg.latent));
+    }
+    for (i, &h) in cfg.hidden.iter().rev().enumerate() {
+        names.push((format!("decoder.hidden.{i}"), h));
+    }
+    for (name, h) in names {
+        let linear = name == "decoder2.mu";
         let mut layer = json!({
             "in": prev, "out": h,
             "w": floats(&get(&format!("{name}.weight"))?, precision),
             "b": floats(&get(&format!("{name}.bias"))?, precision),
         });
-        if gated {
+        if linear {
+            layer["linear"] = true.into();
+        } else if gated {
             layer["gw"] = floats(&get(&format!("{name}.gate.weight"))?, precision).into();
             layer["gb"] = floats(&get(&format!("{name}.gate.bias"))?, precision).into();
         }
@@ -141,6 +157,7 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
         "cols": l.state.cols,
         "channels": l.state.channels,
         "latent": zd,
+        "stochastic_layers": cfg.layers(),
         "activation": activation_name(l.model.cfg.activation),
         "hidden": l.model.cfg.hidden,
         "decoder": format!("{:?}", l.model.cfg.decoder).to_lowercase(),

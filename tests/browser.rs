@@ -97,6 +97,12 @@ fn the_page_decodes_as_vae_does() {
         &["model.activation=softplus"],
         &["model.activation=sigmoid"],
         &["data.channels=3", "model.latent=2"],
+        // Two stochastic layers (chain): the page decodes z2 through p(z1|z2)'s mean.
+        &[
+            "model.latent=[6, 3]",
+            "model.hidden=[[32], [16, 16]]",
+            "model.activation=tanh",
+        ],
     ] {
         let mut extra = Vec::new();
         for s in set {
@@ -110,7 +116,7 @@ fn decodes_as_vae_does(extra: &[&str]) {
     let t = tempfile::tempdir().unwrap();
     let run = tiny(t.path(), extra);
     let l = vae::eval::open(Some(run.to_str().unwrap()), Some("cpu")).unwrap();
-    let zd = l.model.cfg.latent;
+    let zd = l.model.cfg.top_latent();
     // A known z and a second one for the strip; the strip's 5th of 10 cells is at 4/9.
     let z: Vec<f32> = (0..zd).map(|k| (k as f32 + 1.0).sin() * 1.3).collect();
     let to: Vec<f32> = (0..zd).map(|k| (k as f32 * 0.7).cos() - 0.5).collect();
