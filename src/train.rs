@@ -796,8 +796,15 @@ fn check_memory(cfg: &Config, dim: usize) -> Result<()> {
     } else {
         1
     };
-    let hidden: u128 = m.hidden.iter().map(|&h| h as u128).sum();
-    let (z, d) = (m.latent as u128, dim as u128);
+    // A second stochastic layer's networks run per sample row like the decoder's: count their
+    // widths (twice: up and down) and its dimensions with the first layer's.
+    let hidden: u128 = m.hidden.iter().map(|&h| h as u128).sum::<u128>()
+        + m.upper
+            .iter()
+            .flat_map(|u| u.hidden.iter())
+            .map(|&h| 2 * h as u128)
+            .sum::<u128>();
+    let (z, d) = (m.noise_dim() as u128, dim as u128);
     let b = cfg.train.batch_size.max(cfg.train.eval_batch_size) as u128;
     let rows =
         cfg.train.batch_size as u128 * cfg.train.mc_samples.max(cfg.train.iw_samples) as u128;
@@ -821,6 +828,9 @@ fn check_memory(cfg: &Config, dim: usize) -> Result<()> {
         } else {
             "model.hidden"
         }
+    } else if 4 * wide * hidden > d + 6 * z + 2 * d {
+        // The widths, not the batch, make the batch buffers large: each row holds them.
+        "model.hidden"
     } else if rows > cfg.train.batch_size as u128 {
         "train.iw_samples / train.mc_samples"
     } else if m.latent as u128 > hidden && m.latent > dim {

@@ -334,6 +334,23 @@ fn sizes_too_large_for_memory_are_refused_by_key() {
         );
         assert!(!t.path().join("runs").exists(), "{set}: left a run behind");
     }
+    // A second stochastic layer's widths count too.
+    fails(
+        t.path(),
+        &[
+            "train",
+            "-c",
+            "tiny.toml",
+            "-q",
+            "--set",
+            &d,
+            "--set",
+            "model.latent=[8, 4]",
+            "--set",
+            "model.hidden=[[100], [4000000000]]",
+        ],
+        "key `model.hidden`: this model needs",
+    );
 }
 
 /// Usage errors: one line with clap's tip kept, the same range message however a negative number
