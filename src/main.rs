@@ -64,6 +64,8 @@ enum Cmd {
         limit: usize,
     },
     /// New images from the run's prior (N(0, I), or its mixture) decoded, as a PNG grid.
+    ///
+    /// With two stochastic layers: z2 from the prior, decoded through p(z1|z2)'s mean.
     Sample {
         /// Number of images; the grid is as square as the count allows.
         #[arg(short, default_value_t = 64, allow_negative_numbers = true,
@@ -82,6 +84,8 @@ enum Cmd {
         pic: PicArgs,
     },
     /// The learned latent manifold (Kingma & Welling, Figure 4) as a PNG grid.
+    ///
+    /// With two stochastic layers: the top layer z2, decoded through p(z1|z2)'s mean.
     Manifold {
         /// 2: a grid over two latent dimensions; 1: one row per latent dimension.
         #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = count("dimensions", 1, 2))]
@@ -113,6 +117,8 @@ enum Cmd {
         pic: PicArgs,
     },
     /// Decoded images along the line between the latent means of two test images.
+    ///
+    /// With two stochastic layers: between their z2 means, decoded through p(z1|z2)'s mean.
     Interpolate {
         /// First test image.
         #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = count("the image number", 0, usize::MAX))]
@@ -135,6 +141,9 @@ enum Cmd {
         pic: PicArgs,
     },
     /// One self-contained HTML page to move through the latent space live in a browser.
+    ///
+    /// With two stochastic layers (chain wiring): the top layer z2, decoded through p(z1|z2)'s
+    /// mean.
     Explore {
         /// Put the first N test images' codes in the scatter (0 = all).
         #[arg(long, default_value_t = 5000, allow_negative_numbers = true, value_parser = count("images", 0, usize::MAX))]
@@ -151,6 +160,8 @@ enum Cmd {
         output: Option<PathBuf>,
     },
     /// The test set's latent means, one dot per image coloured by class (PCA beyond 2-D).
+    ///
+    /// With two stochastic layers: the means of the top layer z2.
     Scatter {
         /// Use the first N test images only (0 = all).
         #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = count("images", 0, usize::MAX))]
