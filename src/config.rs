@@ -227,8 +227,8 @@ impl Default for RawModel {
     }
 }
 
-/// Marks a `[model]` whose layers do not fit together, for `validate` to name: a latent of
-/// dimension 0 in `upper` with the reason in `hidden` is never a real model.
+/// Marks a `[model]` whose layers do not fit together, for `validate` to name: an entry of
+/// `upper` with this latent (never a real one) carries [lists of `hidden`, layers of `latent`].
 const SHAPE_MISMATCH: usize = usize::MAX;
 
 impl From<RawModel> for ModelConfig {

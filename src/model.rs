@@ -109,29 +109,50 @@ enum Second {
 /// and runs the 2b through j (`encoder.hidden.1`, ...); p(x|z1, z2) mirrors it (the Vae's
 /// `dec` on z1 and `decoder.z2.0` on z2, then `decoder.hidden.1`, ..., and `decoder.out`).
 struct Hvae {
-    q2: Mlp,
-    q2_mu: Linear,
-    q2_logvar: Linear,
+    /// q(z2|x).
+    q2: GaussianNet,
     q1_z2: Mlp,
     q1_joint: Mlp,
-    p1: Mlp,
-    p1_mu: Linear,
-    p1_logvar: Linear,
+    /// p(z1|z2).
+    p1: GaussianNet,
     px_z2: Mlp,
     px_joint: Mlp,
 }
 
-/// Burda et al.'s second stochastic layer (2015, section 5; yburda/iwae): q(z2|z1) and p(z1|z2),
-/// each an MLP (`upper.hidden` up, mirrored down) with two Gaussian heads, mu and log sigma^2.
+/// Burda et al.'s second stochastic layer (2015, section 5; yburda/iwae): q(z2|z1) (z1 through
+/// `upper.hidden`) and p(z1|z2) (z2 through them mirrored).
 struct Chain {
-    /// z1 (B, Z1) -> hidden.
-    enc: Mlp,
-    enc_mu: Linear,
-    enc_logvar: Linear,
-    /// z2 (B, Z2) -> hidden, mirrored.
-    dec: Mlp,
-    dec_mu: Linear,
-    dec_logvar: Linear,
+    q: GaussianNet,
+    p: GaussianNet,
+}
+
+/// A diagonal Gaussian whose mu and log sigma^2 are two linear heads on an MLP of its input,
+/// named `<name>.hidden.i`, `<name>.mu`, `<name>.logvar`: a second stochastic layer's q(z2|.)
+/// (`encoder2`) and p(z1|z2) (`decoder2`).
+struct GaussianNet {
+    mlp: Mlp,
+    mu: Linear,
+    logvar: Linear,
+}
+
+impl GaussianNet {
+    /// `dims` from the input to the last hidden width, then heads of `out` dimensions.
+    fn new(dims: &[usize], out: usize, act: Activation, vb: VarBuilder) -> Result<Self> {
+        let top = dims[dims.len() - 1];
+        Ok(GaussianNet {
+            mlp: Mlp::new(dims, act, vb.pp("hidden"))?,
+            mu: candle_nn::linear(top, out, vb.pp("mu"))?,
+            logvar: candle_nn::linear(top, out, vb.pp("logvar"))?,
+        })
+    }
+
+    /// mu, logvar (N, out) each, the log-variance clipped as configured (Tomczak & Welling clip
+    /// every Gaussian head to [-6, 2]).
+    fn forward(&self, x: &Tensor, cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
+        let h = self.mlp.forward(x)?;
+        let lv = clip_logvar(&self.logvar.forward(&h)?, cfg)?;
+        Ok((self.mu.forward(&h)?, lv))
+    }
 }
 
 /// log N(z; mu, exp(lv)) without its -1/2 ln 2 pi per dimension (both sides of the bound
@@ -267,52 +288,39 @@ impl Vae {
         };
         let upper = match cfg.upper.first() {
             None => None,
-            Some(u) if hvae => {
-                let act = cfg.activation;
-                let (b, h) = (cfg.hidden[0], &cfg.hidden);
-                let q2_dims: Vec<usize> = std::iter::once(input_dim)
-                    .chain(u.hidden.iter().copied())
-                    .collect();
-                let p1_dims: Vec<usize> = std::iter::once(u.latent)
-                    .chain(u.hidden.iter().rev().copied())
-                    .collect();
-                let joint: Vec<usize> = std::iter::once(2 * b)
-                    .chain(h[1..].iter().copied())
-                    .collect();
-                let rev: Vec<usize> = h.iter().rev().copied().collect();
-                let pjoint: Vec<usize> = std::iter::once(2 * rev[0])
-                    .chain(rev[1..].iter().copied())
-                    .collect();
-                let (q2_top, p1_top) = (*q2_dims.last().unwrap_or(&input_dim), u.hidden[0]);
-                Some(Second::Hvae(Hvae {
-                    q2: Mlp::new(&q2_dims, act, vb.pp("encoder2.hidden"))?,
-                    q2_mu: candle_nn::linear(q2_top, u.latent, vb.pp("encoder2.mu"))?,
-                    q2_logvar: candle_nn::linear(q2_top, u.latent, vb.pp("encoder2.logvar"))?,
-                    q1_z2: Mlp::new(&[u.latent, b], act, vb.pp("encoder.z2"))?,
-                    q1_joint: Mlp::new_at(&joint, act, vb.pp("encoder.hidden"), 1)?,
-                    p1: Mlp::new(&p1_dims, act, vb.pp("decoder2.hidden"))?,
-                    p1_mu: candle_nn::linear(p1_top, cfg.latent, vb.pp("decoder2.mu"))?,
-                    p1_logvar: candle_nn::linear(p1_top, cfg.latent, vb.pp("decoder2.logvar"))?,
-                    px_z2: Mlp::new(&[u.latent, rev[0]], act, vb.pp("decoder.z2"))?,
-                    px_joint: Mlp::new_at(&pjoint, act, vb.pp("decoder.hidden"), 1)?,
-                }))
-            }
             Some(u) => {
-                let up: Vec<usize> = std::iter::once(cfg.latent)
+                let act = cfg.activation;
+                // q(z2|.) runs its input (x for hvae, z1 for the chain) up through the second
+                // layer's widths; p(z1|z2) runs z2 down through them.
+                let q_in = if hvae { input_dim } else { cfg.latent };
+                let up: Vec<usize> = std::iter::once(q_in)
                     .chain(u.hidden.iter().copied())
                     .collect();
                 let down: Vec<usize> = std::iter::once(u.latent)
                     .chain(u.hidden.iter().rev().copied())
                     .collect();
-                let (top_up, top_down) = (*up.last().unwrap_or(&cfg.latent), u.hidden[0]);
-                Some(Second::Chain(Chain {
-                    enc: Mlp::new(&up, cfg.activation, vb.pp("encoder2.hidden"))?,
-                    enc_mu: candle_nn::linear(top_up, u.latent, vb.pp("encoder2.mu"))?,
-                    enc_logvar: candle_nn::linear(top_up, u.latent, vb.pp("encoder2.logvar"))?,
-                    dec: Mlp::new(&down, cfg.activation, vb.pp("decoder2.hidden"))?,
-                    dec_mu: candle_nn::linear(top_down, cfg.latent, vb.pp("decoder2.mu"))?,
-                    dec_logvar: candle_nn::linear(top_down, cfg.latent, vb.pp("decoder2.logvar"))?,
-                }))
+                let q = GaussianNet::new(&up, u.latent, act, vb.pp("encoder2"))?;
+                let p = GaussianNet::new(&down, cfg.latent, act, vb.pp("decoder2"))?;
+                Some(if hvae {
+                    let (b, h) = (cfg.hidden[0], &cfg.hidden);
+                    let joint: Vec<usize> = std::iter::once(2 * b)
+                        .chain(h[1..].iter().copied())
+                        .collect();
+                    let rev: Vec<usize> = h.iter().rev().copied().collect();
+                    let pjoint: Vec<usize> = std::iter::once(2 * rev[0])
+                        .chain(rev[1..].iter().copied())
+                        .collect();
+                    Second::Hvae(Hvae {
+                        q2: q,
+                        q1_z2: Mlp::new(&[u.latent, b], act, vb.pp("encoder.z2"))?,
+                        q1_joint: Mlp::new_at(&joint, act, vb.pp("encoder.hidden"), 1)?,
+                        p1: p,
+                        px_z2: Mlp::new(&[u.latent, rev[0]], act, vb.pp("decoder.z2"))?,
+                        px_joint: Mlp::new_at(&pjoint, act, vb.pp("decoder.hidden"), 1)?,
+                    })
+                } else {
+                    Second::Chain(Chain { q, p })
+                })
             }
         };
         let prior = match cfg.prior {
@@ -426,51 +434,62 @@ impl Vae {
     }
 
     /// Two stochastic layers, chain wiring: `eps` (B S, Z1 + Z2) holds each sample's noise for
-    /// z1 (its first Z1 columns) and z2. z1 = mu1(x) + sigma1(x) e1, z2 = mu2(z1) + sigma2(z1) e2;
-    /// the KL term is the one-sample log q(z1|x) + log q(z2|z1) - log p(z1|z2) - log p(z2)
+    /// z1 (its first Z1 columns) and z2. z1 = mu1(x) + sigma1(x) e1, z2 = mu2(z1) + sigma2(z1) e2
     /// (Burda et al. 2015 train on exactly these weights).
     fn samples_chain(&self, c: &Chain, x: &Tensor, eps: &Tensor, s: usize) -> Result<Samples> {
-        let z1d = self.cfg.latent;
-        let z2d = eps.dim(1)? - z1d;
-        let (e1, e2) = (eps.narrow(1, 0, z1d)?, eps.narrow(1, z1d, z2d)?);
+        let (e1, e2) = self.split_noise(eps)?;
         let (mu1, lv1) = self.encode(x)?;
-        let (mu1, lv1) = (repeat_rows(&mu1, s)?, repeat_rows(&lv1, s)?);
-        let z1 = Self::reparameterize(&mu1, &lv1, &e1)?;
-        let (mu2, lv2) = c.encode(&z1, &self.cfg)?;
-        let z2 = Self::reparameterize(&mu2, &lv2, &e2)?;
-        let (pmu1, plv1) = c.decode(&z2, &self.cfg)?;
+        let q1 = (repeat_rows(&mu1, s)?, repeat_rows(&lv1, s)?);
+        let z1 = Self::reparameterize(&q1.0, &q1.1, &e1)?;
+        let q2 = c.q.forward(&z1, &self.cfg)?;
+        let z2 = Self::reparameterize(&q2.0, &q2.1, &e2)?;
         let out = self.decode(&z1)?;
-        let recon = self.recon_nll(&out, &repeat_rows(x, s)?)?;
-        // log q at z = mu + sigma e is -1/2 sum(lv + e^2): the quadratic is e^2 exactly.
-        let log_q = ((((e1.sqr()? + &lv1)?.sum(1)? + (e2.sqr()? + &lv2)?.sum(1)?)?) * -0.5)?;
-        let log_p = (log_normal(&z1, &pmu1, &plv1)? + self.log_prior(&z2)?)?;
-        let lqp = (log_q - log_p)?;
-        Ok(Samples {
-            recon,
-            kl: lqp.clone(),
-            log_q_over_p: lqp,
-            kl_dims: None,
-        })
+        self.two_layer_samples(&out, x, s, [(&e1, &q1.1), (&e2, &q2.1)], &z1, &z2, &c.p)
     }
 
     /// Two stochastic layers, hvae wiring: `eps` as for the chain (z1's noise first). z2 =
-    /// mu2(x) + sigma2(x) e2, z1 = mu1(x, z2) + sigma1(x, z2) e1; the KL term is the one-sample
-    /// log q(z1|x, z2) + log q(z2|x) - log p(z1|z2) - log p(z2), as Tomczak & Welling's code.
+    /// mu2(x) + sigma2(x) e2, z1 = mu1(x, z2) + sigma1(x, z2) e1, as Tomczak & Welling's code.
     fn samples_hvae(&self, h: &Hvae, x: &Tensor, eps: &Tensor, s: usize) -> Result<Samples> {
-        let z1d = self.cfg.latent;
-        let z2d = eps.dim(1)? - z1d;
-        let (e1, e2) = (eps.narrow(1, 0, z1d)?, eps.narrow(1, z1d, z2d)?);
-        let (mu2, lv2) = h.q2(x, &self.cfg)?;
-        let (mu2, lv2) = (repeat_rows(&mu2, s)?, repeat_rows(&lv2, s)?);
-        let z2 = Self::reparameterize(&mu2, &lv2, &e2)?;
+        let (e1, e2) = self.split_noise(eps)?;
+        let (mu2, lv2) = h.q2.forward(x, &self.cfg)?;
+        let q2 = (repeat_rows(&mu2, s)?, repeat_rows(&lv2, s)?);
+        let z2 = Self::reparameterize(&q2.0, &q2.1, &e2)?;
         let hx = repeat_rows(&self.enc.forward(x)?, s)?;
-        let (mu1, lv1) = self.hvae_q1(h, &hx, &z2)?;
-        let z1 = Self::reparameterize(&mu1, &lv1, &e1)?;
-        let (pmu1, plv1) = h.p1(&z2, &self.cfg)?;
+        let q1 = self.hvae_q1(h, &hx, &z2)?;
+        let z1 = Self::reparameterize(&q1.0, &q1.1, &e1)?;
         let out = self.hvae_px(h, &z1, &z2)?;
-        let recon = self.recon_nll(&out, &repeat_rows(x, s)?)?;
-        let log_q = ((((e1.sqr()? + &lv1)?.sum(1)? + (e2.sqr()? + &lv2)?.sum(1)?)?) * -0.5)?;
-        let log_p = (log_normal(&z1, &pmu1, &plv1)? + self.log_prior(&z2)?)?;
+        self.two_layer_samples(&out, x, s, [(&e1, &q1.1), (&e2, &q2.1)], &z1, &z2, &h.p1)
+    }
+
+    /// A sample row's noise (B S, Z1 + Z2) as z1's (B S, Z1) and z2's (B S, Z2).
+    fn split_noise(&self, eps: &Tensor) -> Result<(Tensor, Tensor)> {
+        let z1d = self.cfg.latent;
+        Ok((
+            eps.narrow(1, 0, z1d)?,
+            eps.narrow(1, z1d, eps.dim(1)? - z1d)?,
+        ))
+    }
+
+    /// Both wirings' terms from the decoder's output `out` (B S, D), each layer's (noise,
+    /// logvar) and the samples z1, z2: the KL term is the one-sample
+    /// log q(z1|.) + log q(z2|.) - log p(z1|z2) - log p(z2).
+    #[allow(clippy::too_many_arguments)]
+    fn two_layer_samples(
+        &self,
+        out: &Tensor,
+        x: &Tensor,
+        s: usize,
+        noise_logvar: [(&Tensor, &Tensor); 2],
+        z1: &Tensor,
+        z2: &Tensor,
+        p1: &GaussianNet,
+    ) -> Result<Samples> {
+        let recon = self.recon_nll(out, &repeat_rows(x, s)?)?;
+        // log q at z = mu + sigma e is -1/2 sum(lv + e^2): the quadratic is e^2 exactly.
+        let [(e1, lv1), (e2, lv2)] = noise_logvar;
+        let log_q = (((e1.sqr()? + lv1)?.sum(1)? + (e2.sqr()? + lv2)?.sum(1)?)? * -0.5)?;
+        let (pmu1, plv1) = p1.forward(z2, &self.cfg)?;
+        let log_p = (log_normal(z1, &pmu1, &plv1)? + self.log_prior(z2)?)?;
         let lqp = (log_q - log_p)?;
         Ok(Samples {
             recon,
@@ -502,23 +521,13 @@ impl Vae {
         self.dec_out.forward(&h.px_joint.forward(&j)?)
     }
 
-    /// The code of `x` (B, D) in the top stochastic layer, and the pixel space of a code there:
-    /// with one layer, z itself; with two, z2's posterior mean (chain: at z1's, mu2(mu1(x))).
-    fn top_code(&self, x: &Tensor, z1: Tensor) -> Result<Tensor> {
-        match &self.upper {
-            None => Ok(z1),
-            Some(Second::Chain(c)) => Ok(c.encode(&z1, &self.cfg)?.0),
-            Some(Second::Hvae(h)) => Ok(h.q2(x, &self.cfg)?.0),
-        }
-    }
-
     /// q at the top stochastic layer: mu, logvar (B, Z_top); with two layers, q(z2|x) (chain:
     /// q(z2|z1) at z1's posterior mean).
     pub fn encode_top(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         match &self.upper {
             None => self.encode(x),
-            Some(Second::Chain(c)) => c.encode(&self.encode(x)?.0, &self.cfg),
-            Some(Second::Hvae(h)) => h.q2(x, &self.cfg),
+            Some(Second::Chain(c)) => c.q.forward(&self.encode(x)?.0, &self.cfg),
+            Some(Second::Hvae(h)) => h.q2.forward(x, &self.cfg),
         }
     }
 
@@ -527,8 +536,8 @@ impl Vae {
     pub fn decode_top(&self, z: &Tensor) -> Result<Tensor> {
         match &self.upper {
             None => self.decode(z),
-            Some(Second::Chain(c)) => self.decode(&c.decode(z, &self.cfg)?.0),
-            Some(Second::Hvae(h)) => self.hvae_px(h, &h.p1(z, &self.cfg)?.0, z),
+            Some(Second::Chain(c)) => self.decode(&c.p.forward(z, &self.cfg)?.0),
+            Some(Second::Hvae(h)) => self.hvae_px(h, &h.p1.forward(z, &self.cfg)?.0, z),
         }
     }
 
@@ -624,15 +633,19 @@ impl Vae {
     /// the flows when there are any (z_K = f_K(...f_1(mu)), eps = 0), (B, Z). The pictures
     /// (reconstructions, interpolations, scatter) show this.
     pub fn code(&self, x: &Tensor) -> Result<Tensor> {
-        if matches!(self.upper, Some(Second::Hvae(_))) {
-            return self.top_code(x, x.clone());
+        // Two stochastic layers: the top layer's posterior mean (the chain's at z1's mean).
+        if let Some(Second::Hvae(h)) = &self.upper {
+            return Ok(h.q2.forward(x, &self.cfg)?.0);
         }
         let ((mu, _), fp) = self.encode_full(x)?;
         let mut z = mu;
         for (u, w, b) in &self.flow_steps(fp.as_ref(), 1)? {
             z = planar(&z, u, w, b)?.0;
         }
-        self.top_code(x, z)
+        match &self.upper {
+            Some(Second::Chain(c)) => Ok(c.q.forward(&z, &self.cfg)?.0),
+            _ => Ok(z),
+        }
     }
 
     /// The loss a training step minimizes, and the batch's summed true -ELBO terms [recon, kl]
@@ -737,39 +750,6 @@ impl Vae {
         }
         let t = self.samples(x, eps, 1)?;
         Ok((t.recon, t.kl))
-    }
-}
-
-impl Chain {
-    /// q(z2|z1): mu2, logvar2 (B, Z2) each; the log-variance clip applies as to q(z1|x).
-    fn encode(&self, z1: &Tensor, cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
-        let h = self.enc.forward(z1)?;
-        let lv = clip_logvar(&self.enc_logvar.forward(&h)?, cfg)?;
-        Ok((self.enc_mu.forward(&h)?, lv))
-    }
-
-    /// p(z1|z2): mu1, logvar1 (B, Z1) each; the log-variance clip applies here too.
-    fn decode(&self, z2: &Tensor, cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
-        let h = self.dec.forward(z2)?;
-        let lv = clip_logvar(&self.dec_logvar.forward(&h)?, cfg)?;
-        Ok((self.dec_mu.forward(&h)?, lv))
-    }
-}
-
-impl Hvae {
-    /// q(z2|x): mu2, logvar2 (B, Z2) each, log-variance clipped as configured.
-    fn q2(&self, x: &Tensor, cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
-        let h = self.q2.forward(x)?;
-        let lv = clip_logvar(&self.q2_logvar.forward(&h)?, cfg)?;
-        Ok((self.q2_mu.forward(&h)?, lv))
-    }
-
-    /// p(z1|z2): mu1, logvar1 (B, Z1) each, log-variance clipped as configured (Tomczak &
-    /// Welling clip all three to [-6, 2]).
-    fn p1(&self, z2: &Tensor, cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
-        let h = self.p1.forward(z2)?;
-        let lv = clip_logvar(&self.p1_logvar.forward(&h)?, cfg)?;
-        Ok((self.p1_mu.forward(&h)?, lv))
     }
 }
 
@@ -1235,6 +1215,35 @@ mod tests {
         .unwrap()
     }
 
+    /// A tensor as rows of f64.
+    fn v2(t: &Tensor) -> Vec<Vec<f64>> {
+        t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
+    }
+
+    /// One row (1, n) of f32 from f64 values.
+    fn row_f32(v: &[f64]) -> Tensor {
+        let v: Vec<f32> = v.iter().map(|&a| a as f32).collect();
+        Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    }
+
+    /// log N(z; mu, diag e^lv), its ln 2 pi terms included.
+    fn ln_n(z: &[f64], mu: &[f64], lv: &[f64]) -> f64 {
+        z.iter()
+            .zip(mu)
+            .zip(lv)
+            .map(|((z, m), l)| -0.5 * (l + (z - m).powi(2) / l.exp() + loss::LN_2PI))
+            .sum()
+    }
+
+    /// log Bernoulli(x | sigmoid(logits)), summed over pixels.
+    fn ln_bernoulli(logits: &[f64], x: &[f64]) -> f64 {
+        logits
+            .iter()
+            .zip(x)
+            .map(|(l, x)| x * l - (1.0 + l.exp()).ln())
+            .sum()
+    }
+
     /// Burda et al.'s two-layer chain, 6-4-3 up and 2 on top: `samples` against log p(x, z1, z2) -
     /// log q(z1, z2 | x) written out from the full Gaussian and Bernoulli densities, ln 2 pi
     /// terms included, at z1, z2 built here from the same noise.
@@ -1269,42 +1278,22 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         // The same by hand, row by row, in f64.
-        let v2 = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
-        let ln_n = |z: &[f64], mu: &[f64], lv: &[f64]| -> f64 {
-            z.iter()
-                .zip(mu)
-                .zip(lv)
-                .map(|((z, m), l)| -0.5 * (l + (z - m).powi(2) / l.exp() + loss::LN_2PI))
-                .sum()
-        };
         let (mu1, lv1) = m.encode(&x).unwrap();
         let (mu1, lv1, e) = (v2(&mu1), v2(&lv1), v2(&eps));
         for r in 0..2 {
             let z1: Vec<f64> = (0..3)
                 .map(|j| mu1[r][j] + (0.5 * lv1[r][j]).exp() * e[r][j])
                 .collect();
-            let z1t = Tensor::new(z1.iter().map(|&v| v as f32).collect::<Vec<_>>(), &d)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let (mu2, lv2) = c.encode(&z1t, &cfg).unwrap();
+            let z1t = row_f32(&z1);
+            let (mu2, lv2) = c.q.forward(&z1t, &cfg).unwrap();
             let (mu2, lv2) = (v2(&mu2)[0].clone(), v2(&lv2)[0].clone());
             let z2: Vec<f64> = (0..2)
                 .map(|j| mu2[j] + (0.5 * lv2[j]).exp() * e[r][3 + j])
                 .collect();
-            let z2t = Tensor::new(z2.iter().map(|&v| v as f32).collect::<Vec<_>>(), &d)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let (pm, pl) = c.decode(&z2t, &cfg).unwrap();
+            let z2t = row_f32(&z2);
+            let (pm, pl) = c.p.forward(&z2t, &cfg).unwrap();
             let (pm, pl) = (v2(&pm)[0].clone(), v2(&pl)[0].clone());
-            let logits = v2(&m.decode(&z1t).unwrap())[0].clone();
-            let xr = &v2(&x)[r];
-            let log_px: f64 = logits
-                .iter()
-                .zip(xr)
-                .map(|(l, x)| x * l - (1.0 + l.exp()).ln())
-                .sum();
+            let log_px = ln_bernoulli(&v2(&m.decode(&z1t).unwrap())[0], &v2(&x)[r]);
             let log_p = log_px + ln_n(&z1, &pm, &pl) + ln_n(&z2, &[0.0; 2], &[0.0; 2]);
             let log_q = ln_n(&z1, &mu1[r], &lv1[r]) + ln_n(&z2, &mu2, &lv2);
             let want = log_p - log_q;
@@ -1366,22 +1355,8 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let v2 = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
-            let f32s = |v: &[f64]| {
-                Tensor::new(v.iter().map(|&a| a as f32).collect::<Vec<_>>(), &d)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap()
-            };
-            let ln_n = |z: &[f64], mu: &[f64], lv: &[f64]| -> f64 {
-                z.iter()
-                    .zip(mu)
-                    .zip(lv)
-                    .map(|((z, m), l)| -0.5 * (l + (z - m).powi(2) / l.exp() + loss::LN_2PI))
-                    .sum()
-            };
             let (e, xs) = (v2(&eps), v2(&x));
-            let (mu2, lv2) = h.q2(&x, &cfg).unwrap();
+            let (mu2, lv2) = h.q2.forward(&x, &cfg).unwrap();
             let (mu2, lv2) = (v2(&mu2), v2(&lv2));
             for r in 0..2 {
                 let z2: Vec<f64> = (0..2)
@@ -1389,20 +1364,16 @@ mod tests {
                     .collect();
                 let xr = x.narrow(0, r, 1).unwrap();
                 let hx = m.enc.forward(&xr).unwrap();
-                let (mu1, lv1) = m.hvae_q1(h, &hx, &f32s(&z2)).unwrap();
+                let (mu1, lv1) = m.hvae_q1(h, &hx, &row_f32(&z2)).unwrap();
                 let (mu1, lv1) = (v2(&mu1)[0].clone(), v2(&lv1)[0].clone());
                 assert!(lv1.iter().all(|l| (-6.0..=2.0).contains(l)));
                 let z1: Vec<f64> = (0..3)
                     .map(|j| mu1[j] + (0.5 * lv1[j]).exp() * e[r][j])
                     .collect();
-                let (pm, pl) = h.p1(&f32s(&z2), &cfg).unwrap();
+                let (pm, pl) = h.p1.forward(&row_f32(&z2), &cfg).unwrap();
                 let (pm, pl) = (v2(&pm)[0].clone(), v2(&pl)[0].clone());
-                let logits = v2(&m.hvae_px(h, &f32s(&z1), &f32s(&z2)).unwrap())[0].clone();
-                let log_px: f64 = logits
-                    .iter()
-                    .zip(&xs[r])
-                    .map(|(l, x)| x * l - (1.0 + l.exp()).ln())
-                    .sum();
+                let logits = v2(&m.hvae_px(h, &row_f32(&z1), &row_f32(&z2)).unwrap());
+                let log_px = ln_bernoulli(&logits[0], &xs[r]);
                 // log p(z2): N(0, I), or (1/K) sum_k q(z2 | clip(u_k)) over the pseudo-inputs.
                 let log_pz2 = match m.mixture().unwrap() {
                     None => ln_n(&z2, &[0.0; 2], &[0.0; 2]),
@@ -1425,7 +1396,7 @@ mod tests {
             // The VampPrior's components are q(z2|u) at the clipped pseudo-inputs.
             if prior == Prior::Vamp {
                 let u = m.var_pseudo().clamp(0f32, 1f32).unwrap();
-                let (a, _) = h.q2(&u, &cfg).unwrap();
+                let (a, _) = h.q2.forward(&u, &cfg).unwrap();
                 let (b, _) = m.mixture().unwrap().unwrap();
                 let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
                 assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);

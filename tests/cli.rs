@@ -32,21 +32,9 @@ fn tiny_train_writes_checkpoint_and_learns() {
         "test -ELBO {trained} vs untrained {untrained}"
     );
     // A second run of the same name goes beside it, never over it.
-    let d = format!("data.dir={}", data_dir());
     ok(
         t.path(),
-        &[
-            "train",
-            "-c",
-            "tiny.toml",
-            "-q",
-            "--set",
-            &d,
-            "--set",
-            "data.limit=50",
-            "--set",
-            "train.epochs=1",
-        ],
+        &tiny_args(&["--set", "data.limit=50", "--set", "train.epochs=1"]),
     );
     assert!(t.path().join("runs/tiny-run2/model.safetensors").is_file());
     assert_eq!(metrics(&run).len(), 3);

@@ -27,7 +27,7 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
     m
 }
 
-fn spawn(dir: &Path, args: &[&str]) -> std::process::Child {
+fn spawn<S: AsRef<std::ffi::OsStr>>(dir: &Path, args: &[S]) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_vae"))
         .args(args)
         .current_dir(dir)
@@ -92,10 +92,7 @@ fn interrupt_checkpoints_and_resumes_exactly() {
     ];
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let unbroken = tiny(a.path(), &args);
-    let d = format!("data.dir={}", data_dir());
-    let mut full: Vec<&str> = vec!["train", "--config", "tiny.toml", "-q", "--set", &d];
-    full.extend_from_slice(&args);
-    let child = spawn(b.path(), &full);
+    let child = spawn(b.path(), &tiny_args(&args));
     // Wait for the first checkpoint, then interrupt somewhere in epoch 2.
     let state = b.path().join("runs/tiny/state.json");
     let t0 = Instant::now();
@@ -321,34 +318,23 @@ fn hostile_arguments_fail_cleanly_and_write_nothing() {
 #[test]
 fn sizes_too_large_for_memory_are_refused_by_key() {
     let t = tempfile::tempdir().unwrap();
-    let d = format!("data.dir={}", data_dir());
     for (set, key) in [
         ("model.hidden=[4000000000]", "model.hidden"),
         ("model.latent=3000000000", "model.latent"),
         ("train.batch_size=2000000000", "train.batch_size"),
     ] {
-        fails(
-            t.path(),
-            &["train", "-c", "tiny.toml", "-q", "--set", &d, "--set", set],
-            key,
-        );
+        fails(t.path(), &tiny_args(&["--set", set]), key);
         assert!(!t.path().join("runs").exists(), "{set}: left a run behind");
     }
     // A second stochastic layer's widths count too.
     fails(
         t.path(),
-        &[
-            "train",
-            "-c",
-            "tiny.toml",
-            "-q",
-            "--set",
-            &d,
+        &tiny_args(&[
             "--set",
             "model.latent=[8, 4]",
             "--set",
             "model.hidden=[[100], [4000000000]]",
-        ],
+        ]),
         "key `model.hidden`: this model needs",
     );
 }
@@ -429,22 +415,7 @@ fn a_bad_key_is_blamed_on_where_it_came_from() {
 fn divergence_in_the_first_epoch_resumes_from_the_start() {
     let t = tempfile::tempdir().unwrap();
     let p = t.path();
-    let d = format!("data.dir={}", data_dir());
-    let o = vae(
-        p,
-        &[
-            "train",
-            "--config",
-            "tiny.toml",
-            "-q",
-            "--set",
-            &d,
-            "--set",
-            "data.limit=300",
-            "--set",
-            "train.lr=1e30",
-        ],
-    );
+    let o = vae(p, &tiny_args(&["--set", "train.lr=1e30"]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
@@ -483,10 +454,7 @@ fn resume_inside_the_first_epoch_keeps_row_zero() {
     ];
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let unbroken = tiny(a.path(), &args);
-    let d = format!("data.dir={}", data_dir());
-    let mut full: Vec<&str> = vec!["train", "--config", "tiny.toml", "-q", "--set", &d];
-    full.extend_from_slice(&args);
-    let child = spawn(b.path(), &full);
+    let child = spawn(b.path(), &tiny_args(&args));
     // metrics.csv appears with row 0, before the first step.
     wait_for(&b.path().join("runs/tiny/metrics.csv"));
     std::thread::sleep(Duration::from_millis(200));
@@ -511,21 +479,9 @@ fn resume_inside_the_first_epoch_keeps_row_zero() {
 #[test]
 fn two_signals_at_once_are_one_request() {
     let t = tempfile::tempdir().unwrap();
-    let d = format!("data.dir={}", data_dir());
     let child = spawn(
         t.path(),
-        &[
-            "train",
-            "--config",
-            "tiny.toml",
-            "-q",
-            "--set",
-            &d,
-            "--set",
-            "data.limit=60000",
-            "--set",
-            "train.epochs=20",
-        ],
+        &tiny_args(&["--set", "data.limit=60000", "--set", "train.epochs=20"]),
     );
     wait_for(&t.path().join("runs/tiny/metrics.csv"));
     std::thread::sleep(Duration::from_millis(200));

@@ -1,10 +1,12 @@
 //! Helpers shared by the integration tests: run the built binary in a temporary directory.
 #![allow(dead_code)] // each test file uses its own subset
 
+use std::ffi::OsStr;
+use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub fn vae(dir: &Path, args: &[&str]) -> Output {
+pub fn vae<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vae"))
         .args(args)
         .current_dir(dir)
@@ -12,7 +14,7 @@ pub fn vae(dir: &Path, args: &[&str]) -> Output {
         .expect("run vae")
 }
 
-pub fn ok(dir: &Path, args: &[&str]) -> String {
+pub fn ok<S: AsRef<OsStr> + Debug>(dir: &Path, args: &[S]) -> String {
     let o = vae(dir, args);
     assert!(
         o.status.success(),
@@ -24,7 +26,7 @@ pub fn ok(dir: &Path, args: &[&str]) -> String {
 }
 
 /// Asserts a clean failure: non-zero exit, one `error:` line naming `needle`, no panic.
-pub fn fails(dir: &Path, args: &[&str], needle: &str) {
+pub fn fails<S: AsRef<OsStr> + Debug>(dir: &Path, args: &[S], needle: &str) {
     let o = vae(dir, args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "vae {args:?} should fail");
@@ -53,10 +55,11 @@ pub fn data_dir() -> String {
         .to_string()
 }
 
-/// A tiny run: 300 images, 2 epochs.
-pub fn tiny(dir: &Path, extra: &[&str]) -> PathBuf {
+/// `vae train` of tiny.toml on the shipped MNIST, 300 images, quiet, then `extra` (a later
+/// `--set` of the same key wins).
+pub fn tiny_args(extra: &[&str]) -> Vec<String> {
     let d = format!("data.dir={}", data_dir());
-    let mut args = vec![
+    [
         "train",
         "--config",
         "tiny.toml",
@@ -65,9 +68,16 @@ pub fn tiny(dir: &Path, extra: &[&str]) -> PathBuf {
         &d,
         "--set",
         "data.limit=300",
-    ];
-    args.extend_from_slice(extra);
-    ok(dir, &args);
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A tiny run: 300 images, 2 epochs.
+pub fn tiny(dir: &Path, extra: &[&str]) -> PathBuf {
+    ok(dir, &tiny_args(extra));
     dir.join("runs/tiny")
 }
 
