@@ -727,8 +727,8 @@ impl Config {
             if m.prior == Prior::Vamp && m.wiring == Wiring::Chain {
                 bail!("key `model.prior`: the VampPrior needs q(z2|x), which the chain wiring does not have; use model.wiring = \"hvae\" (Tomczak & Welling's) or another prior");
             }
-            if self.train.engine == EngineKind::Fused {
-                not_with("train.engine", "the fused CPU step")?;
+            if self.train.engine == EngineKind::Fused && m.wiring == Wiring::Hvae {
+                bail!("key `train.engine`: the fused CPU step builds two stochastic layers in the chain wiring only; with model.wiring = \"hvae\" use train.engine = \"auto\" or \"autograd\"");
             }
         }
         Ok(())
@@ -1081,12 +1081,19 @@ mod tests {
                 "model.prior=vamp",
                 "key `model.prior`: the VampPrior needs q(z2|x)",
             ),
-            ("train.engine=fused", "key `train.engine`"),
             ("train.free_bits=0.5", "key `train.free_bits`"),
         ] {
             let e = format!("{:#}", resolve(&src(two), &[set.to_string()]).unwrap_err());
             assert!(e.contains(needle), "{set}: {e}");
         }
+        // The fused step builds the chain wiring, not the hvae one.
+        resolve(&src(two), &["train.engine=fused".into()]).unwrap();
+        let e = resolve(
+            &src(two),
+            &["train.engine=fused".into(), "model.wiring=hvae".into()],
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("key `train.engine`"), "{e:#}");
         // The mixture prior on the top layer is built, and the hvae wiring with any prior.
         resolve(&src(two), &["model.prior=mog".into()]).unwrap();
         let h = resolve(

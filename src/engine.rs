@@ -102,8 +102,8 @@ impl Engine {
     ) -> Result<Self> {
         let cpu = matches!(dev, Device::Cpu);
         let fused = match cfg.train.engine {
-            // Two stochastic layers are not on the fused step yet: autograd trains them.
-            EngineKind::Auto => cpu && cfg.model.upper.is_empty(),
+            // The hvae wiring's concatenations are not on the fused step: autograd trains it.
+            EngineKind::Auto => cpu && crate::step::Net::supports(&cfg.model).is_ok(),
             EngineKind::Fused => {
                 if !cpu {
                     bail!("key `train.engine`: \"fused\" runs on the CPU only; use \"auto\" or --device cpu");

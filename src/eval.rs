@@ -243,7 +243,8 @@ pub fn run_eval(
     let (run_dir, state) = (&l.dir, Some(&l.state));
     let iw_value = if iw > 0 {
         let t0 = std::time::Instant::now();
-        let v = if matches!(l.dev, Device::Cpu) && l.cfg.model.upper.is_empty() {
+        let fused = crate::step::Net::supports(&l.cfg.model).is_ok();
+        let v = if matches!(l.dev, Device::Cpu) && fused {
             // The fused forward, one worker per group of images.
             let px = test_pixels(&l.cfg, &test);
             let bar = progress_bar(test.n as u64, "IW estimate");

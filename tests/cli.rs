@@ -382,9 +382,10 @@ fn vamp_prior_trains_evaluates_and_samples() {
     );
 }
 
-/// Two stochastic layers (Burda et al.'s chain) end to end on a tiny config: autograd trains
-/// them (the fused step does not cover them yet), a resumed run ends where an unbroken one does,
-/// `eval --iw` scores them, the pictures and the explorer draw the top layer.
+/// Two stochastic layers (Burda et al.'s chain) end to end on a tiny config: the fused step
+/// trains them (autograd, on the same draws, reaches the same test -ELBO), a resumed run ends
+/// where an unbroken one does, `eval --iw` scores them, the pictures and the explorer draw the
+/// top layer.
 #[test]
 fn two_stochastic_layers_train_resume_evaluate_and_draw() {
     let two = [
@@ -400,7 +401,16 @@ fn two_stochastic_layers_train_resume_evaluate_and_draw() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut args = two.to_vec();
     args.extend(["--set", "train.epochs=2"]);
-    let run = tiny(a.path(), &args);
+    let out = ok(a.path(), &tiny_args(&args));
+    assert!(out.contains("engine fused CPU step"), "{out}");
+    let run = a.path().join("runs/tiny");
+    // The same run on autograd: the same draws, so the same test -ELBO up to f32 rounding.
+    let c = tempfile::tempdir().unwrap();
+    args.extend(["--set", "train.engine=autograd"]);
+    let other = tiny(c.path(), &args);
+    let last = |r: &Path| -> f64 { metrics(r)[2][5].parse().unwrap() };
+    let (f, g) = (last(&run), last(&other));
+    assert!((f - g).abs() < 0.05, "test -ELBO fused {f}, autograd {g}");
     let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(
         cfg.contains("latent = [8, 4]") && cfg.contains("wiring = \"chain\""),

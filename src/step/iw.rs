@@ -40,6 +40,7 @@ pub fn neg_log_likelihood(
     if k == 0 || !x.len().is_multiple_of(dim) {
         bail!("--iw {k}: need K >= 1 and whole images");
     }
+    Net::supports(cfg)?;
     let net = Net::new(cfg, dim);
     let mut th = vec![0f32; net.size()];
     net.import(params, &mut th)?;
@@ -50,7 +51,8 @@ pub fn neg_log_likelihood(
         (ROWS, 1)
     };
     let passes = k.div_ceil(s);
-    let z = cfg.latent;
+    // Each sample row's noise: [e1 | e2] with two stochastic layers.
+    let z = cfg.noise_dim();
     let mut result = vec![0f64; n];
     result.par_chunks_mut(imgs).enumerate().for_each_init(
         || Work::new(&net, imgs, s, false),

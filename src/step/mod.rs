@@ -5,8 +5,9 @@
 //! - `math`: matrix products and vector math (exp, tanh, softplus, log-sum-exp);
 //! - `linear`: the dense layer and its activation;
 //! - `latent`: q(z|x), z = mu + sigma eps with S samples per image, the closed-form KL;
-//! - `conditional`: a second stochastic layer's density p(z1|z2) scored at z1 (its own gradient
-//!   test; not yet wired into `Fused`, which trains one stochastic layer: two train on autograd);
+//! - `conditional`: a second stochastic layer's density p(z1|z2) scored at z1;
+//! - `upper`: the chain wiring's second stochastic layer, q(z2|z1) and p(z1|z2) with their MLPs
+//!   (Burda et al. 2015); the hvae wiring trains on autograd;
 //! - `planar`: a planar flow step (Rezende & Mohamed 2015);
 //! - `likelihood`: Bernoulli and Gaussian p(x|z);
 //! - `objective`: ELBO / Monte-Carlo mean, the IWAE bound (Burda et al. 2015), free bits;
@@ -37,8 +38,11 @@ pub mod math;
 pub mod objective;
 pub mod planar;
 pub mod prior;
+pub mod upper;
 
-use crate::config::{Activation, Config, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior};
+use crate::config::{
+    Activation, Config, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior, Wiring,
+};
 use crate::loss::MIN_LOGVAR;
 use crate::optim::AdamConfig;
 use adam::{adam_range, AdamStep, Moments};
@@ -63,6 +67,8 @@ pub struct Net {
     prior: Option<usize>,
     /// The VampPrior's pseudo-inputs (K, D), from this offset.
     vamp: Option<usize>,
+    /// The chain wiring's second stochastic layer, q(z2|z1) and p(z1|z2).
+    upper: Option<upper::Upper>,
     dec: Vec<Lin>,
     out: Lin,
     /// Learned decoder log-variance (D) offset, if any.
@@ -114,6 +120,13 @@ impl Net {
         } else {
             None
         };
+        let upper = cfg.upper.first().map(|u| {
+            let lv = (
+                cfg.logvar_min.map_or(f32::NEG_INFINITY, |v| v as f32),
+                cfg.logvar_max.map_or(f32::INFINITY, |v| v as f32),
+            );
+            upper::Upper::alloc(&mut size, (z, u.latent), &u.hidden, cfg.activation, lv)
+        });
         let mut dec = Vec::new();
         let mut prev = z;
         for &h in cfg.hidden.iter().rev() {
@@ -135,6 +148,7 @@ impl Net {
             global_flows,
             prior,
             vamp,
+            upper,
             dec,
             out,
             dec_lv,
@@ -145,6 +159,20 @@ impl Net {
     /// Parameters in all.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Whether the fused step builds this model: one stochastic layer, or two in the chain
+    /// wiring (the hvae wiring's concatenations train on autograd).
+    pub fn supports(cfg: &ModelConfig) -> Result<()> {
+        if !cfg.upper.is_empty() && cfg.wiring == Wiring::Hvae {
+            bail!("the fused CPU step builds two stochastic layers in the chain wiring only; model.wiring = \"hvae\" trains with train.engine = \"autograd\" (or \"auto\")");
+        }
+        Ok(())
+    }
+
+    /// The dimensions of the top stochastic layer, which the prior scores.
+    fn z_top(&self) -> usize {
+        self.cfg.top_latent()
     }
 
     fn hc(&self) -> usize {
@@ -169,7 +197,7 @@ impl Net {
         inv: &'a [f32],
         lv_sum: &'a [f32],
     ) -> prior::Mixture<'a> {
-        let (k, z) = (self.cfg.prior_components, self.cfg.latent);
+        let (k, z) = (self.cfg.prior_components, self.z_top());
         prior::Mixture {
             means: &means[..k * z],
             inv,
@@ -184,9 +212,10 @@ impl Net {
         self.prior.is_some() || self.vamp.is_some()
     }
 
-    /// Whether the KL term is the Monte-Carlo log q - log p (flows or a mixture prior).
+    /// Whether the KL term is the Monte-Carlo log q - log p (flows, a mixture prior, or two
+    /// stochastic layers).
     fn mc_kl(&self) -> bool {
-        self.cfg.flows > 0 || self.has_mixture()
+        self.cfg.flows > 0 || self.has_mixture() || self.upper.is_some()
     }
 
     /// The VampPrior's components (Tomczak & Welling 2018, eq. 9): the encoder's q(z|u_k) at
@@ -312,6 +341,10 @@ impl Net {
     /// per dimension the batch's `w.kl_dim`; returns the batch's summed closed-form KL.
     fn forward(&self, th: &[f32], w: &mut Work, b: usize, s: usize) -> f64 {
         let (z, act, par, rows) = (self.cfg.latent, self.cfg.activation, w.par, b * s);
+        // Two layers: each row's noise [e1 | e2] split into z1's and z2's.
+        if let (Some(u), Some(uw)) = (&self.upper, w.up.as_mut()) {
+            u.split_noise(&w.eps, uw, rows);
+        }
         linear::mlp_forward(&self.enc, &w.x, &mut w.enc_a, &mut w.enc_h, th, b, act, par);
         let top = &w.enc_h[self.enc.len() - 1];
         linear::linear_forward(&mut w.hd, top, th, self.head, b, par);
@@ -322,10 +355,14 @@ impl Net {
             w.lq[..rows].fill(0.0);
             0.0
         } else {
+            let e1: &[f32] = match &w.up {
+                Some(uw) => &uw.e1,
+                None => &w.eps,
+            };
             latent::gaussian_forward(
                 &mut w.hd,
                 hb,
-                &w.eps,
+                e1,
                 &mut w.sigma,
                 &mut w.zs[0],
                 &mut w.lq,
@@ -352,8 +389,16 @@ impl Net {
                 &mut w.lq,
             );
         }
+        // Two layers: log q(z2|z1) - log p(z1|z2), and the prior scores z2.
+        let zk = match (&self.upper, w.up.as_mut()) {
+            (Some(u), Some(uw)) => {
+                u.forward(th, uw, &w.zs[0], &mut w.lq, rows);
+                &uw.z2[..rows * u.z2]
+            }
+            _ => &w.zs[self.cfg.flows][..rows * z],
+        };
+        let z = self.z_top();
         // log q - log p: -log p(z_K) (the ln 2 pi terms cancel).
-        let zk = &w.zs[self.cfg.flows][..rows * z];
         match (self.prior, w.pw.as_mut()) {
             _ if self.is_ae() => {}
             (None, Some(pw)) => {
@@ -427,6 +472,22 @@ impl Net {
             }
         }
         lin("decoder.out".into(), self.out, 0, self.dim);
+        if let Some(u) = &self.upper {
+            for (net, layers, head, zo) in [
+                ("encoder2", &u.enc, u.qhead, u.z2),
+                ("decoder2", &u.dec, u.phead, u.z1),
+            ] {
+                for (i, l) in layers.iter().enumerate() {
+                    let w = linear::out_width(*l, act);
+                    lin(format!("{net}.hidden.{i}"), *l, 0, w);
+                    if act == Activation::Gated {
+                        lin(format!("{net}.hidden.{i}.gate"), *l, w, w);
+                    }
+                }
+                lin(format!("{net}.mu"), head, 0, zo);
+                lin(format!("{net}.logvar"), head, zo, zo);
+            }
+        }
         if let Some(off) = self.dec_lv {
             v.push((
                 "decoder.logvar".into(),
@@ -435,6 +496,7 @@ impl Net {
             ));
         }
         if let Some(off) = self.prior {
+            let z = self.z_top();
             let kz = self.cfg.prior_components * z;
             let shape = vec![self.cfg.prior_components, z];
             v.push((
@@ -494,11 +556,22 @@ impl Net {
                 stride: cols,
             });
         };
-        for l in self.enc.iter().chain(&self.dec) {
+        let up: Vec<Lin> = self
+            .upper
+            .iter()
+            .flat_map(|u| u.enc.iter().chain(&u.dec).copied())
+            .collect();
+        for l in self.enc.iter().chain(&self.dec).chain(&up) {
             let w = linear::out_width(*l, act);
             lin(*l, 0, w);
             if act == Activation::Gated {
                 lin(*l, w, w);
+            }
+        }
+        if let Some(u) = &self.upper {
+            for (head, zo) in [(u.qhead, u.z2), (u.phead, u.z1)] {
+                lin(head, 0, zo);
+                lin(head, zo, zo);
             }
         }
         lin(self.head, 0, z);
@@ -519,7 +592,7 @@ impl Net {
             v.push(one(o, self.dim));
         }
         if let Some(o) = self.prior {
-            let kz = self.cfg.prior_components * z;
+            let kz = self.cfg.prior_components * self.z_top();
             v.extend([one(o, kz), one(o + kz, kz)]);
         }
         if let Some(o) = self.vamp {
@@ -626,7 +699,7 @@ pub struct Work {
     /// Whether products may use both workers (training), or stay on this thread (the IW
     /// estimate runs one `Work` per worker).
     par: bool,
-    /// Images (B, D) and noise (B S, Z).
+    /// Images (B, D) and noise (B S, Z); two layers: (B S, Z1 + Z2), each row [e1 | e2].
     x: Vec<f32>,
     eps: Vec<f32>,
     /// Encoder pre-activations and activations, one pair per hidden layer, (B, H_i).
@@ -672,6 +745,8 @@ pub struct Work {
     g_lv2: Vec<f32>,
     /// The VampPrior: the encoder's pass over the pseudo-inputs.
     pw: Option<PseudoWork>,
+    /// The second stochastic layer's buffers.
+    up: Option<upper::UpperWork>,
 }
 
 /// The VampPrior's buffers, K pseudo-inputs: the clipped inputs (K, D), the encoder's
@@ -697,6 +772,7 @@ impl Work {
     pub fn new(net: &Net, cap: usize, s: usize, par: bool) -> Self {
         let cfg = &net.cfg;
         let (z, dim, rows) = (cfg.latent, net.dim, cap * s);
+        let zt = net.z_top();
         let wide = if cfg.activation == Activation::Gated {
             2
         } else {
@@ -712,7 +788,7 @@ impl Work {
             s,
             par,
             x: vec![0.0; cap * dim],
-            eps: vec![0.0; rows * z],
+            eps: vec![0.0; rows * cfg.noise_dim()],
             enc_a: vecs(cap, &mut cfg.hidden.iter().map(|h| wide * h)),
             enc_h: vecs(cap, &mut cfg.hidden.iter().copied()),
             hd: vec![0.0; cap * net.hc()],
@@ -737,7 +813,7 @@ impl Work {
             pinv: vec![
                 0.0;
                 if net.has_mixture() {
-                    cfg.prior_components * z
+                    cfg.prior_components * zt
                 } else {
                     0
                 }
@@ -779,6 +855,10 @@ impl Work {
             lv: vec![0.0; dim],
             inv: vec![0.0; dim],
             g_lv2: vec![0.0; dim],
+            up: net
+                .upper
+                .as_ref()
+                .map(|u| upper::UpperWork::new(u, rows, par)),
         }
     }
 }
@@ -825,6 +905,7 @@ impl Fused {
             Kind::Elbo
         };
         let s = t.mc_samples.max(t.iw_samples);
+        Net::supports(m)?;
         let net = Net::new(m, dim);
         let size = net.size();
         let work = Work::new(&net, cap, s, true);
@@ -869,9 +950,10 @@ impl Fused {
         &mut self.work.x[..rows * self.net.dim]
     }
 
-    /// The noise (rows S, Z), image-major, to fill before `step`.
+    /// The noise (rows S, Z), image-major, to fill before `step`; two layers: (rows S, Z1 + Z2),
+    /// each row [e1 | e2] as the candle model takes it.
     pub fn eps_mut(&mut self, rows: usize) -> &mut [f32] {
-        &mut self.work.eps[..rows * self.work.s * self.net.cfg.latent]
+        &mut self.work.eps[..rows * self.work.s * self.net.cfg.noise_dim()]
     }
 
     /// Forward, backward and one Adam step on the first `rows` images of the work buffers.
@@ -1101,14 +1183,24 @@ impl Fused {
                 if compact {
                     math::scatter_rows(&mut w.d1, &w.keep, z, rows);
                 }
-                // d1 holds dz_K (B S, Z); log q - log p's -log p(z_K) = |z_K|^2 / 2 adds cq z_K.
+                // d1 holds dz_K (B S, Z). Two layers: back through p(z1|z2) (adding to dz1) to
+                // dz2, where the prior adds its share, then through q(z2|z1) (adding to dz1).
+                if let (Some(u), Some(uw)) = (&net.upper, w.up.as_mut()) {
+                    let (z1, cq) = (&w.zs[0], &w.cq[..rows]);
+                    u.p_backward(th, st, &adam, uw, z1, cq, &mut w.d1, rows);
+                }
+                // log q - log p's -log p(z_K) = |z_K|^2 / 2 adds cq z_K.
                 if use_cq {
-                    let zk = &w.zs[flows][..rows * z];
+                    let z = net.z_top();
+                    let (zk, dz): (&[f32], &mut [f32]) = match w.up.as_mut() {
+                        Some(uw) => (&uw.z2[..rows * z], &mut uw.dz2),
+                        None => (&w.zs[flows][..rows * z], &mut w.d1),
+                    };
                     match (net.prior, w.pw.as_mut()) {
                         (None, Some(pw)) => {
                             let mx = net.mixture(&pw.mean, &w.pinv, &w.plv);
                             let (gm, gl) = (&mut pw.gm, &mut pw.gl);
-                            prior::mixture_backward(zk, &mx, &w.resp, &w.cq, &mut w.d1, gm, gl);
+                            prior::mixture_backward(zk, &mx, &w.resp, &w.cq, dz, gm, gl);
                             net.pseudo_backward(th, pw, st.g, w.par);
                             let off = net.vamp.unwrap_or(0);
                             adam_range(
@@ -1119,15 +1211,19 @@ impl Fused {
                                 off + net.cfg.prior_components * net.dim,
                             );
                         }
-                        (None, None) => prior::normal_backward(zk, &w.cq, &mut w.d1, z),
+                        (None, None) => prior::normal_backward(zk, &w.cq, dz, z),
                         (Some(off), _) => {
                             let kz = net.cfg.prior_components * z;
                             let (gm, gl) = st.g[off..off + 2 * kz].split_at_mut(kz);
                             let mx = net.mixture(&th[off..off + kz], &w.pinv, &w.plv);
-                            prior::mixture_backward(zk, &mx, &w.resp, &w.cq, &mut w.d1, gm, gl);
+                            prior::mixture_backward(zk, &mx, &w.resp, &w.cq, dz, gm, gl);
                             adam_range(&adam, th, st, off, off + 2 * kz);
                         }
                     }
+                }
+                if let (Some(u), Some(uw)) = (&net.upper, w.up.as_mut()) {
+                    let (z1, cq) = (&w.zs[0], &w.cq[..rows]);
+                    u.q_backward(th, st, &adam, uw, z1, cq, &mut w.d1, rows);
                 }
                 let cq = if use_cq { Some(&w.cq[..rows]) } else { None };
                 for k in (0..flows).rev() {
@@ -1157,11 +1253,15 @@ impl Fused {
                 if kind == Kind::Ae {
                     latent::identity_backward(&mut w.d_hd, &w.d1, b, z);
                 } else {
+                    let e1: &[f32] = match &w.up {
+                        Some(uw) => &uw.e1,
+                        None => &w.eps,
+                    };
                     latent::gaussian_backward(
                         &mut w.d_hd,
                         &w.hd,
                         &w.sigma,
-                        &w.eps,
+                        e1,
                         &w.d1,
                         cq,
                         &w.ckl,

@@ -49,7 +49,7 @@ fn fixture(
         }
     }
     let x: Vec<f32> = (0..b * dim).map(|_| rng.random::<f32>()).collect();
-    let eps: Vec<f32> = (0..b * s * cfg.latent)
+    let eps: Vec<f32> = (0..b * s * cfg.noise_dim())
         .map(|_| StandardNormal.sample(&mut rng))
         .collect();
     (params, x, eps)
@@ -68,7 +68,8 @@ fn candle_side(
     let vm = model::varmap_from(params.clone()).unwrap();
     let m = Vae::new(cfg, dim, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     let xt = Tensor::from_vec(x.to_vec(), (x.len() / dim, dim), &dev).unwrap();
-    let et = Tensor::from_vec(eps.to_vec(), (eps.len() / cfg.latent, cfg.latent), &dev).unwrap();
+    let zd = cfg.noise_dim();
+    let et = Tensor::from_vec(eps.to_vec(), (eps.len() / zd, zd), &dev).unwrap();
     (vm, m, xt, et)
 }
 
@@ -172,6 +173,17 @@ fn small(hidden: Vec<usize>, latent: usize) -> ModelConfig {
         hidden,
         latent,
         ..Default::default()
+    }
+}
+
+/// Two stochastic layers, chain wiring: x -> `hidden` -> z1 (`z`.0) -> `upper` -> z2 (`z`.1).
+fn chain(hidden: Vec<usize>, upper: Vec<usize>, z: (usize, usize)) -> ModelConfig {
+    ModelConfig {
+        upper: vec![crate::config::Upper {
+            latent: z.1,
+            hidden: upper,
+        }],
+        ..small(hidden, z.0)
     }
 }
 
@@ -329,6 +341,50 @@ fn vamp_prior() {
 }
 
 #[test]
+fn two_stochastic_layers_chain() {
+    // Burda et al.'s wiring: every activation (gated's split products included), the KL weight
+    // on the whole log q - log p, Monte-Carlo and IWAE samples, the mixture prior on z2, the
+    // log-variance clip on all four heads, and a Gaussian decoder.
+    for act in [
+        Activation::Tanh,
+        Activation::Relu,
+        Activation::Softplus,
+        Activation::Gated,
+    ] {
+        check(ModelConfig {
+            activation: act,
+            ..chain(vec![7, 6], vec![5, 4], (4, 3))
+        });
+    }
+    let c = chain(vec![7], vec![5], (4, 2));
+    check_with(c.clone(), 1, 1, 0.4, false);
+    check_with(c.clone(), 3, 1, 1.0, false);
+    check_with(c.clone(), 1, 3, 1.0, false);
+    check_with(
+        ModelConfig {
+            prior: crate::config::Prior::Mog,
+            prior_components: 3,
+            ..c.clone()
+        },
+        1,
+        3,
+        1.0,
+        false,
+    );
+    check(ModelConfig {
+        logvar_min: Some(-0.05),
+        logvar_max: Some(0.05),
+        ..chain(vec![7, 5], vec![5, 4], (4, 3))
+    });
+    check(ModelConfig {
+        decoder: DecoderKind::Gaussian,
+        learn_sigma: true,
+        sigma: 0.5,
+        ..c
+    });
+}
+
+#[test]
 fn autoencoder() {
     check(ModelConfig {
         kind: ModelKind::Ae,
@@ -347,11 +403,17 @@ fn adam_step_matches_optim() {
         flows: 2,
         ..small(vec![6], 2)
     };
+    let two = ModelConfig {
+        activation: Activation::Gated,
+        ..chain(vec![6], vec![5], (3, 2))
+    };
     for (model, normalize) in [
         (small(vec![6], 2), false),
         (small(vec![6], 2), true),
         (gated.clone(), false),
         (gated, true),
+        (two.clone(), false),
+        (two, true),
     ] {
         let cfg = config(model.clone(), 1, 1);
         let (dim, b) = (9, 4);
@@ -423,6 +485,7 @@ fn iw_estimate_matches_candle_log_weights() {
             prior_components: 3,
             ..small(vec![7], 3)
         },
+        chain(vec![7], vec![5, 4], (3, 2)),
     ];
     for model in models {
         for k in [5usize, 700] {
@@ -432,7 +495,7 @@ fn iw_estimate_matches_candle_log_weights() {
             let per_group = if k == 5 { 3 } else { 1 };
             for g in 0..3 / per_group {
                 let mut rng = iw::group_rng(11, g);
-                let eps: Vec<f32> = (0..per_group * k * model.latent)
+                let eps: Vec<f32> = (0..per_group * k * model.noise_dim())
                     .map(|_| StandardNormal.sample(&mut rng))
                     .collect();
                 let xs = &x[g * per_group * dim..(g + 1) * per_group * dim];
