@@ -102,8 +102,7 @@ impl Engine {
     ) -> Result<Self> {
         let cpu = matches!(dev, Device::Cpu);
         let fused = match cfg.train.engine {
-            // The hvae wiring's concatenations are not on the fused step: autograd trains it.
-            EngineKind::Auto => cpu && crate::step::Net::supports(&cfg.model).is_ok(),
+            EngineKind::Auto => cpu,
             EngineKind::Fused => {
                 if !cpu {
                     bail!("key `train.engine`: \"fused\" runs on the CPU only; use \"auto\" or --device cpu");

@@ -243,8 +243,7 @@ pub fn run_eval(
     let (run_dir, state) = (&l.dir, Some(&l.state));
     let iw_value = if iw > 0 {
         let t0 = std::time::Instant::now();
-        let fused = crate::step::Net::supports(&l.cfg.model).is_ok();
-        let v = if matches!(l.dev, Device::Cpu) && fused {
+        let v = if matches!(l.dev, Device::Cpu) {
             // The fused forward, one worker per group of images.
             let px = test_pixels(&l.cfg, &test);
             let bar = progress_bar(test.n as u64, "IW estimate");
@@ -260,8 +259,7 @@ pub fn run_eval(
             bar.finish_and_clear();
             crate::step::iw::mean_and_se(&per)
         } else {
-            // candle's forward: on a GPU, and for two stochastic layers, which the fused step
-            // does not cover yet.
+            // candle's forward, on a GPU.
             crate::step::iw::mean_and_se(&iw_nll(&l.model, &x, iw, l.cfg.seed)?)
         };
         eprintln!(

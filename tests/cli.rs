@@ -468,32 +468,39 @@ fn two_stochastic_layers_train_resume_evaluate_and_draw() {
 }
 
 /// Tomczak & Welling's two-level wiring with their VampPrior on z2, gated units and the
-/// log-variance clip: trains, scores with --iw, and samples from the prior (z2 from a
-/// pseudo-input's q(z2|u), z1 at p(z1|z2)'s mean).
+/// log-variance clip: the fused step trains it (autograd, on the same draws, reaches the same
+/// test -ELBO), scores it with --iw, and samples from the prior (z2 from a pseudo-input's
+/// q(z2|u), z1 at p(z1|z2)'s mean).
 #[test]
 fn hvae_with_the_vamp_prior_trains_evaluates_and_samples() {
     let t = tempfile::tempdir().unwrap();
-    let run = tiny(
-        t.path(),
-        &[
-            "--set",
-            "model.latent=[8, 4]",
-            "--set",
-            "model.hidden=[[32, 32], [32, 32]]",
-            "--set",
-            "model.wiring=hvae",
-            "--set",
-            "model.prior=vamp",
-            "--set",
-            "model.prior_components=10",
-            "--set",
-            "model.activation=gated",
-            "--set",
-            "model.logvar_min=-6",
-            "--set",
-            "model.logvar_max=2",
-        ],
-    );
+    let mut args = vec![
+        "--set",
+        "model.latent=[8, 4]",
+        "--set",
+        "model.hidden=[[32, 32], [32, 32]]",
+        "--set",
+        "model.wiring=hvae",
+        "--set",
+        "model.prior=vamp",
+        "--set",
+        "model.prior_components=10",
+        "--set",
+        "model.activation=gated",
+        "--set",
+        "model.logvar_min=-6",
+        "--set",
+        "model.logvar_max=2",
+    ];
+    let out = ok(t.path(), &tiny_args(&args));
+    assert!(out.contains("engine fused CPU step"), "{out}");
+    let run = t.path().join("runs/tiny");
+    let c = tempfile::tempdir().unwrap();
+    args.extend(["--set", "train.engine=autograd"]);
+    let other = tiny(c.path(), &args);
+    let last = |r: &Path| -> f64 { metrics(r)[2][5].parse().unwrap() };
+    let (f, g) = (last(&run), last(&other));
+    assert!((f - g).abs() < 0.05, "test -ELBO fused {f}, autograd {g}");
     let m = metrics(&run);
     let (first, last): (f64, f64) = (m[0][5].parse().unwrap(), m[2][5].parse().unwrap());
     assert!(last < first, "test -ELBO {first} -> {last}");

@@ -40,7 +40,6 @@ pub fn neg_log_likelihood(
     if k == 0 || !x.len().is_multiple_of(dim) {
         bail!("--iw {k}: need K >= 1 and whole images");
     }
-    Net::supports(cfg)?;
     let net = Net::new(cfg, dim);
     let mut th = vec![0f32; net.size()];
     net.import(params, &mut th)?;

@@ -7,7 +7,8 @@
 //! - `latent`: q(z|x), z = mu + sigma eps with S samples per image, the closed-form KL;
 //! - `conditional`: a second stochastic layer's density p(z1|z2) scored at z1;
 //! - `upper`: the chain wiring's second stochastic layer, q(z2|z1) and p(z1|z2) with their MLPs
-//!   (Burda et al. 2015); the hvae wiring trains on autograd;
+//!   (Burda et al. 2015);
+//! - `hvae`: the hvae wiring's two layers (Tomczak & Welling 2018), its concatenated branches;
 //! - `planar`: a planar flow step (Rezende & Mohamed 2015);
 //! - `likelihood`: Bernoulli and Gaussian p(x|z);
 //! - `objective`: ELBO / Monte-Carlo mean, the IWAE bound (Burda et al. 2015), free bits;
@@ -30,6 +31,7 @@
 
 pub mod adam;
 pub mod conditional;
+pub mod hvae;
 pub mod iw;
 pub mod latent;
 pub mod likelihood;
@@ -69,6 +71,8 @@ pub struct Net {
     vamp: Option<usize>,
     /// The chain wiring's second stochastic layer, q(z2|z1) and p(z1|z2).
     upper: Option<upper::Upper>,
+    /// The hvae wiring's layers beyond `enc` (its h(x)), `head`, `dec` (its h'(z1)) and `out`.
+    hvae: Option<hvae::Hvae>,
     dec: Vec<Lin>,
     out: Lin,
     /// Learned decoder log-variance (D) offset, if any.
@@ -86,11 +90,19 @@ impl Net {
         } else {
             1
         };
+        // The hvae wiring: the encoder and decoder hold their first layers, h(x) and h'(z1); their
+        // heads read the joint networks' tops.
+        let is_hvae = !cfg.upper.is_empty() && cfg.wiring == Wiring::Hvae;
+        let tops = hvae::tops(&cfg.hidden);
+        let n_enc = if is_hvae { 1 } else { cfg.hidden.len() };
         let mut enc = Vec::new();
         let mut prev = dim;
-        for &h in &cfg.hidden {
+        for &h in &cfg.hidden[..n_enc] {
             enc.push(Lin::alloc(&mut size, prev, wide * h));
             prev = h;
+        }
+        if is_hvae {
+            prev = tops.0;
         }
         let amortized = if cfg.flow_params == FlowParams::Amortized {
             cfg.flows * (2 * z + 1)
@@ -120,7 +132,8 @@ impl Net {
         } else {
             None
         };
-        let upper = cfg.upper.first().map(|u| {
+        let hvae = is_hvae.then(|| hvae::Hvae::alloc(&mut size, cfg, dim));
+        let upper = cfg.upper.first().filter(|_| !is_hvae).map(|u| {
             let lv = (
                 cfg.logvar_min.map_or(f32::NEG_INFINITY, |v| v as f32),
                 cfg.logvar_max.map_or(f32::INFINITY, |v| v as f32),
@@ -129,9 +142,12 @@ impl Net {
         });
         let mut dec = Vec::new();
         let mut prev = z;
-        for &h in cfg.hidden.iter().rev() {
+        for &h in cfg.hidden.iter().rev().take(n_enc) {
             dec.push(Lin::alloc(&mut size, prev, wide * h));
             prev = h;
+        }
+        if is_hvae {
+            prev = tops.1;
         }
         let out = Lin::alloc(&mut size, prev, dim);
         let dec_lv = if cfg.decoder == DecoderKind::Gaussian && cfg.learn_sigma {
@@ -149,6 +165,7 @@ impl Net {
             prior,
             vamp,
             upper,
+            hvae,
             dec,
             out,
             dec_lv,
@@ -159,15 +176,6 @@ impl Net {
     /// Parameters in all.
     pub fn size(&self) -> usize {
         self.size
-    }
-
-    /// Whether the fused step builds this model: one stochastic layer, or two in the chain
-    /// wiring (the hvae wiring's concatenations train on autograd).
-    pub fn supports(cfg: &ModelConfig) -> Result<()> {
-        if !cfg.upper.is_empty() && cfg.wiring == Wiring::Hvae {
-            bail!("the fused CPU step builds two stochastic layers in the chain wiring only; model.wiring = \"hvae\" trains with train.engine = \"autograd\" (or \"auto\")");
-        }
-        Ok(())
     }
 
     /// The dimensions of the top stochastic layer, which the prior scores.
@@ -215,7 +223,26 @@ impl Net {
     /// Whether the KL term is the Monte-Carlo log q - log p (flows, a mixture prior, or two
     /// stochastic layers).
     fn mc_kl(&self) -> bool {
-        self.cfg.flows > 0 || self.has_mixture() || self.upper.is_some()
+        self.cfg.flows > 0 || self.has_mixture() || self.upper.is_some() || self.hvae.is_some()
+    }
+
+    /// The network whose q the VampPrior's components are: the encoder's hidden layers and head,
+    /// or with the hvae wiring q(z2|x)'s.
+    fn pseudo_net(&self) -> (&[Lin], Lin) {
+        match &self.hvae {
+            Some(h) => (&h.q2, h.q2head),
+            None => (&self.enc, self.head),
+        }
+    }
+
+    /// The shapes of the pseudo-inputs' Gaussian head, `k` rows.
+    fn pseudo_dims(&self, k: usize) -> Dims {
+        let (_, head) = self.pseudo_net();
+        Dims {
+            z: self.z_top(),
+            hc: head.n_out,
+            ..self.dims(k, 1)
+        }
     }
 
     /// The VampPrior's components (Tomczak & Welling 2018, eq. 9): the encoder's q(z|u_k) at
@@ -224,33 +251,19 @@ impl Net {
         let (k, d, z, act) = (
             self.cfg.prior_components,
             self.dim,
-            self.cfg.latent,
+            self.z_top(),
             self.cfg.activation,
         );
+        let (layers, head) = self.pseudo_net();
         let off = self.vamp.unwrap_or(0);
         for (x, u) in pw.x.iter_mut().zip(&th[off..off + k * d]) {
             *x = u.clamp(0.0, 1.0);
         }
-        linear::mlp_forward(
-            &self.enc,
-            &pw.x,
-            &mut pw.enc_a,
-            &mut pw.enc_h,
-            th,
-            k,
-            act,
-            par,
-        );
-        linear::linear_forward(
-            &mut pw.hd,
-            &pw.enc_h[self.enc.len() - 1],
-            th,
-            self.head,
-            k,
-            par,
-        );
-        let (hc, hb) = (self.hc(), &th[self.head.b..self.head.end()]);
-        let dm = self.dims(k, 1);
+        linear::mlp_forward(layers, &pw.x, &mut pw.enc_a, &mut pw.enc_h, th, k, act, par);
+        let top = &pw.enc_h[layers.len() - 1];
+        linear::linear_forward(&mut pw.hd, top, th, head, k, par);
+        let (hc, hb) = (head.n_out, &th[head.b..head.end()]);
+        let dm = self.pseudo_dims(k);
         for r in 0..k {
             for j in 0..z {
                 pw.hd[r * hc + j] += hb[j];
@@ -269,28 +282,29 @@ impl Net {
         let (k, d, z, act) = (
             self.cfg.prior_components,
             self.dim,
-            self.cfg.latent,
+            self.z_top(),
             self.cfg.activation,
         );
-        let (hc, dm) = (self.hc(), self.dims(k, 1));
+        let (layers, head) = self.pseudo_net();
+        let (hc, dm) = (head.n_out, self.pseudo_dims(k));
         for r in 0..k {
             for j in 0..z {
                 pw.d_hd[r * hc + j] = pw.gm[r * z + j];
                 pw.d_hd[r * hc + z + j] = dm.logvar_open(pw.hd[r * hc + z + j]) * pw.gl[r * z + j];
             }
         }
-        let top = &pw.enc_h[self.enc.len() - 1];
+        let top = &pw.enc_h[layers.len() - 1];
         linear::linear_backward(
             &mut pw.grad,
             Some(&mut pw.d1),
             top,
             &pw.d_hd,
             th,
-            self.head,
+            head,
             k,
             par,
         );
-        for (i, l) in self.enc.iter().enumerate().rev() {
+        for (i, l) in layers.iter().enumerate().rev() {
             let input: &[f32] = if i == 0 { &pw.x } else { &pw.enc_h[i - 1] };
             linear::layer_backward(
                 &mut pw.grad,
@@ -340,6 +354,10 @@ impl Net {
     /// `w.lq` = log q(z_K|x) - log p(z_K) (the ln 2 pi terms cancel), per image `w.kl_img`, and
     /// per dimension the batch's `w.kl_dim`; returns the batch's summed closed-form KL.
     fn forward(&self, th: &[f32], w: &mut Work, b: usize, s: usize) -> f64 {
+        if let Some(h) = &self.hvae {
+            h.forward(self, th, w, b, s);
+            return 0.0;
+        }
         let (z, act, par, rows) = (self.cfg.latent, self.cfg.activation, w.par, b * s);
         // Two layers: each row's noise [e1 | e2] split into z1's and z2's.
         if let (Some(u), Some(uw)) = (&self.upper, w.up.as_mut()) {
@@ -397,23 +415,8 @@ impl Net {
             }
             _ => &w.zs[self.cfg.flows][..rows * z],
         };
-        let z = self.z_top();
-        // log q - log p: -log p(z_K) (the ln 2 pi terms cancel).
-        match (self.prior, w.pw.as_mut()) {
-            _ if self.is_ae() => {}
-            (None, Some(pw)) => {
-                self.pseudo_forward(th, pw, par);
-                prior::mixture_prepare(&pw.logv, &mut w.pinv, &mut w.plv, z);
-                let mx = self.mixture(&pw.mean, &w.pinv, &w.plv);
-                prior::mixture_forward(zk, &mx, &mut w.resp, &mut w.lq[..rows]);
-            }
-            (None, None) => prior::normal_forward(zk, &mut w.lq[..rows], z),
-            (Some(off), _) => {
-                let kz = self.cfg.prior_components * z;
-                prior::mixture_prepare(&th[off + kz..off + 2 * kz], &mut w.pinv, &mut w.plv, z);
-                let mx = self.mixture(&th[off..off + kz], &w.pinv, &w.plv);
-                prior::mixture_forward(zk, &mx, &mut w.resp, &mut w.lq[..rows]);
-            }
+        if !self.is_ae() {
+            self.prior_forward(th, zk, &mut w.pr, &mut w.lq[..rows], par);
         }
         linear::mlp_forward(
             &self.dec,
@@ -428,6 +431,65 @@ impl Net {
         let last = &w.dec_h[self.dec.len() - 1];
         linear::linear_forward(&mut w.out, last, th, self.out, rows, par);
         kl
+    }
+
+    /// The prior at the top layer's samples `zk` (rows, Z): adds -log p(z) to `lq` (rows; the
+    /// ln 2 pi terms cancel log q's). A mixture keeps its responsibilities for the backward; the
+    /// VampPrior first runs the encoder over its pseudo-inputs.
+    fn prior_forward(&self, th: &[f32], zk: &[f32], pr: &mut PriorWork, lq: &mut [f32], par: bool) {
+        let z = self.z_top();
+        match (self.prior, pr.pw.as_mut()) {
+            (None, Some(pw)) => {
+                self.pseudo_forward(th, pw, par);
+                prior::mixture_prepare(&pw.logv, &mut pr.pinv, &mut pr.plv, z);
+                let mx = self.mixture(&pw.mean, &pr.pinv, &pr.plv);
+                prior::mixture_forward(zk, &mx, &mut pr.resp, lq);
+            }
+            (None, None) => prior::normal_forward(zk, lq, z),
+            (Some(off), _) => {
+                let kz = self.cfg.prior_components * z;
+                prior::mixture_prepare(&th[off + kz..off + 2 * kz], &mut pr.pinv, &mut pr.plv, z);
+                let mx = self.mixture(&th[off..off + kz], &pr.pinv, &pr.plv);
+                prior::mixture_forward(zk, &mx, &mut pr.resp, lq);
+            }
+        }
+    }
+
+    /// Back through the prior for per-row weights `cq`: adds d/dz into `dz` (rows, Z), the
+    /// mixture's own gradients (or the VampPrior's: its pseudo-inputs', and the encoder's share
+    /// into `pr.pw.grad`), and steps the prior's parameters.
+    #[allow(clippy::too_many_arguments)]
+    fn prior_backward(
+        &self,
+        th: &mut [f32],
+        st: &mut Moments,
+        adam: &Option<AdamStep>,
+        zk: &[f32],
+        cq: &[f32],
+        dz: &mut [f32],
+        pr: &mut PriorWork,
+        par: bool,
+    ) {
+        let z = self.z_top();
+        match (self.prior, pr.pw.as_mut()) {
+            (None, Some(pw)) => {
+                let mx = self.mixture(&pw.mean, &pr.pinv, &pr.plv);
+                let (gm, gl) = (&mut pw.gm, &mut pw.gl);
+                prior::mixture_backward(zk, &mx, &pr.resp, cq, dz, gm, gl);
+                self.pseudo_backward(th, pw, st.g, par);
+                let off = self.vamp.unwrap_or(0);
+                let n = self.cfg.prior_components * self.dim;
+                adam_range(adam, th, st, off, off + n);
+            }
+            (None, None) => prior::normal_backward(zk, cq, dz, z),
+            (Some(off), _) => {
+                let kz = self.cfg.prior_components * z;
+                let (gm, gl) = st.g[off..off + 2 * kz].split_at_mut(kz);
+                let mx = self.mixture(&th[off..off + kz], &pr.pinv, &pr.plv);
+                prior::mixture_backward(zk, &mx, &pr.resp, cq, dz, gm, gl);
+                adam_range(adam, th, st, off, off + 2 * kz);
+            }
+        }
     }
 
     /// Every checkpoint tensor: its name, shape, and where its k-th element (row-major) lives
@@ -472,6 +534,21 @@ impl Net {
             }
         }
         lin("decoder.out".into(), self.out, 0, self.dim);
+        if let Some(h) = &self.hvae {
+            for (net, layers, first) in h.named() {
+                for (i, l) in layers.iter().enumerate() {
+                    let w = linear::out_width(*l, act);
+                    lin(format!("{net}.{}", first + i), *l, 0, w);
+                    if act == Activation::Gated {
+                        lin(format!("{net}.{}.gate", first + i), *l, w, w);
+                    }
+                }
+            }
+            for (net, head, zo) in [("encoder2", h.q2head, h.z2), ("decoder2", h.p1head, h.z1)] {
+                lin(format!("{net}.mu"), head, 0, zo);
+                lin(format!("{net}.logvar"), head, zo, zo);
+            }
+        }
         if let Some(u) = &self.upper {
             for (net, layers, head, zo) in [
                 ("encoder2", &u.enc, u.qhead, u.z2),
@@ -556,11 +633,14 @@ impl Net {
                 stride: cols,
             });
         };
-        let up: Vec<Lin> = self
+        let mut up: Vec<Lin> = self
             .upper
             .iter()
             .flat_map(|u| u.enc.iter().chain(&u.dec).copied())
             .collect();
+        if let Some(h) = &self.hvae {
+            up.extend(h.named().iter().flat_map(|(_, ls, _)| ls.iter().copied()));
+        }
         for l in self.enc.iter().chain(&self.dec).chain(&up) {
             let w = linear::out_width(*l, act);
             lin(*l, 0, w);
@@ -568,11 +648,14 @@ impl Net {
                 lin(*l, w, w);
             }
         }
-        if let Some(u) = &self.upper {
-            for (head, zo) in [(u.qhead, u.z2), (u.phead, u.z1)] {
-                lin(head, 0, zo);
-                lin(head, zo, zo);
-            }
+        let heads = match (&self.upper, &self.hvae) {
+            (Some(u), _) => vec![(u.qhead, u.z2), (u.phead, u.z1)],
+            (_, Some(h)) => vec![(h.q2head, h.z2), (h.p1head, h.z1)],
+            _ => vec![],
+        };
+        for (head, zo) in heads {
+            lin(head, 0, zo);
+            lin(head, zo, zo);
         }
         lin(self.head, 0, z);
         if !self.is_ae() {
@@ -733,20 +816,25 @@ pub struct Work {
     /// input gathered to them.
     keep: Vec<u32>,
     zc: Vec<f32>,
-    /// A mixture prior: inverse variances (K, Z), log-variance sums (K), responsibilities
-    /// (B S, K).
-    pinv: Vec<f32>,
-    plv: Vec<f32>,
-    resp: Vec<f32>,
+    /// The prior's buffers.
+    pr: PriorWork,
     /// Gaussian decoder: floored log-variance and its inverse (D), and the second worker's share
     /// of the learned log-variance's gradient.
     lv: Vec<f32>,
     inv: Vec<f32>,
     g_lv2: Vec<f32>,
-    /// The VampPrior: the encoder's pass over the pseudo-inputs.
-    pw: Option<PseudoWork>,
-    /// The second stochastic layer's buffers.
+    /// The second stochastic layer's buffers: the chain wiring's, or the hvae wiring's.
     up: Option<upper::UpperWork>,
+    hv: Option<hvae::HvaeWork>,
+}
+
+/// A mixture prior's buffers: inverse variances (K, Z), log-variance sums (K), responsibilities
+/// (B S, K); and the VampPrior's, the encoder's pass over the pseudo-inputs.
+struct PriorWork {
+    pinv: Vec<f32>,
+    plv: Vec<f32>,
+    resp: Vec<f32>,
+    pw: Option<PseudoWork>,
 }
 
 /// The VampPrior's buffers, K pseudo-inputs: the clipped inputs (K, D), the encoder's
@@ -778,7 +866,9 @@ impl Work {
         } else {
             1
         };
-        let widest = wide * cfg.hidden.iter().copied().max().unwrap_or(0);
+        // The hvae wiring's output layer reads a concatenation twice as wide.
+        let cat = if net.hvae.is_some() { 2 } else { 1 };
+        let widest = cat * wide * cfg.hidden.iter().copied().max().unwrap_or(0);
         let flow_n = if net.global_flows.is_some() { 1 } else { cap };
         let vecs = |n: usize, it: &mut dyn Iterator<Item = usize>| -> Vec<Vec<f32>> {
             it.map(|h| vec![0.0; n * h]).collect()
@@ -810,48 +900,57 @@ impl Work {
             d_hd: vec![0.0; cap * net.hc()],
             keep: Vec::with_capacity(rows),
             zc: vec![0.0; rows * z],
-            pinv: vec![
-                0.0;
-                if net.has_mixture() {
-                    cfg.prior_components * zt
-                } else {
-                    0
-                }
-            ],
-            plv: vec![
-                0.0;
-                if net.has_mixture() {
-                    cfg.prior_components
-                } else {
-                    0
-                }
-            ],
-            resp: vec![
-                0.0;
-                if net.has_mixture() {
-                    rows * cfg.prior_components
-                } else {
-                    0
-                }
-            ],
-            pw: net.vamp.map(|_| {
-                let k = cfg.prior_components;
-                let wd = widest.max(net.hc()).max(dim);
-                PseudoWork {
-                    x: vec![0.0; k * dim],
-                    enc_a: vecs(k, &mut cfg.hidden.iter().map(|h| wide * h)),
-                    enc_h: vecs(k, &mut cfg.hidden.iter().copied()),
-                    hd: vec![0.0; k * net.hc()],
-                    mean: vec![0.0; k * z],
-                    logv: vec![0.0; k * z],
-                    gm: vec![0.0; k * z],
-                    gl: vec![0.0; k * z],
-                    d_hd: vec![0.0; k * net.hc()],
-                    d1: vec![0.0; k * wd],
-                    d2: vec![0.0; k * wd],
-                    grad: vec![0.0; net.head.end()],
-                }
-            }),
+            pr: PriorWork {
+                pinv: vec![
+                    0.0;
+                    if net.has_mixture() {
+                        cfg.prior_components * zt
+                    } else {
+                        0
+                    }
+                ],
+                plv: vec![
+                    0.0;
+                    if net.has_mixture() {
+                        cfg.prior_components
+                    } else {
+                        0
+                    }
+                ],
+                resp: vec![
+                    0.0;
+                    if net.has_mixture() {
+                        rows * cfg.prior_components
+                    } else {
+                        0
+                    }
+                ],
+                pw: net.vamp.map(|_| {
+                    let k = cfg.prior_components;
+                    let (layers, head) = net.pseudo_net();
+                    let wd = layers
+                        .iter()
+                        .map(|l| l.n_out)
+                        .chain([head.n_out, dim])
+                        .max()
+                        .unwrap_or(dim);
+                    let out_w = |l: &Lin| linear::out_width(*l, cfg.activation);
+                    PseudoWork {
+                        x: vec![0.0; k * dim],
+                        enc_a: vecs(k, &mut layers.iter().map(|l| l.n_out)),
+                        enc_h: vecs(k, &mut layers.iter().map(out_w)),
+                        hd: vec![0.0; k * head.n_out],
+                        mean: vec![0.0; k * zt],
+                        logv: vec![0.0; k * zt],
+                        gm: vec![0.0; k * zt],
+                        gl: vec![0.0; k * zt],
+                        d_hd: vec![0.0; k * head.n_out],
+                        d1: vec![0.0; k * wd],
+                        d2: vec![0.0; k * wd],
+                        grad: vec![0.0; head.end()],
+                    }
+                }),
+            },
             lv: vec![0.0; dim],
             inv: vec![0.0; dim],
             g_lv2: vec![0.0; dim],
@@ -859,6 +958,10 @@ impl Work {
                 .upper
                 .as_ref()
                 .map(|u| upper::UpperWork::new(u, rows, par)),
+            hv: net
+                .hvae
+                .as_ref()
+                .map(|h| hvae::HvaeWork::new(h, cfg.activation, cap, s)),
         }
     }
 }
@@ -905,7 +1008,6 @@ impl Fused {
             Kind::Elbo
         };
         let s = t.mc_samples.max(t.iw_samples);
-        Net::supports(m)?;
         let net = Net::new(m, dim);
         let size = net.size();
         let work = Work::new(&net, cap, s, true);
@@ -1111,7 +1213,8 @@ impl Fused {
         // IWAE: samples whose weight is negligible (under f32 rounding of their image's largest)
         // leave the decoder's backward; when enough do, its rows are gathered to those kept.
         let mut brows = rows;
-        let compact = kind == Kind::Iwae && !self.iw_all_rows && {
+        // (Not with the hvae wiring, whose decoder's rows are two branches and a joint network.)
+        let compact = kind == Kind::Iwae && !self.iw_all_rows && net.hvae.is_none() && {
             objective::iwae_keep(&mut w.cq[..rows], s, &mut w.keep);
             w.keep.len() * 8 < rows * 7
         };
@@ -1130,16 +1233,11 @@ impl Fused {
         let g = &mut self.grad;
         let lo = net.out;
         // Back through the output layer: dW = h^T d_out, db = colsum, dh = d_out W^T.
-        linear::linear_backward(
-            g,
-            Some(&mut w.d1),
-            &w.dec_h[net.dec.len() - 1],
-            &w.d_out,
-            th,
-            lo,
-            brows,
-            true,
-        );
+        let top: &[f32] = match (&net.hvae, &w.hv) {
+            (Some(h), Some(hw)) => h.p_top(hw),
+            _ => &w.dec_h[net.dec.len() - 1],
+        };
+        linear::linear_backward(g, Some(&mut w.d1), top, &w.d_out, th, lo, brows, true);
         // The output layer's Adam step (and the learned decoder log-variance's, stored after it)
         // on one worker, while the other goes on down the decoder, flows and heads.
         let (th_lo, th_hi) = th.split_at_mut(lo.w);
@@ -1159,6 +1257,10 @@ impl Fused {
             || {
                 let th = th_lo;
                 let st = &mut s_lo;
+                if let Some(h) = &net.hvae {
+                    h.backward(net, th, st, &adam, w, b, s);
+                    return;
+                }
                 // Decoder layers, last to first; d1 holds d(loss)/d(output of the layer).
                 for (i, l) in net.dec.iter().enumerate().rev() {
                     let input: &[f32] = match i {
@@ -1196,30 +1298,8 @@ impl Fused {
                         Some(uw) => (&uw.z2[..rows * z], &mut uw.dz2),
                         None => (&w.zs[flows][..rows * z], &mut w.d1),
                     };
-                    match (net.prior, w.pw.as_mut()) {
-                        (None, Some(pw)) => {
-                            let mx = net.mixture(&pw.mean, &w.pinv, &w.plv);
-                            let (gm, gl) = (&mut pw.gm, &mut pw.gl);
-                            prior::mixture_backward(zk, &mx, &w.resp, &w.cq, dz, gm, gl);
-                            net.pseudo_backward(th, pw, st.g, w.par);
-                            let off = net.vamp.unwrap_or(0);
-                            adam_range(
-                                &adam,
-                                th,
-                                st,
-                                off,
-                                off + net.cfg.prior_components * net.dim,
-                            );
-                        }
-                        (None, None) => prior::normal_backward(zk, &w.cq, dz, z),
-                        (Some(off), _) => {
-                            let kz = net.cfg.prior_components * z;
-                            let (gm, gl) = st.g[off..off + 2 * kz].split_at_mut(kz);
-                            let mx = net.mixture(&th[off..off + kz], &w.pinv, &w.plv);
-                            prior::mixture_backward(zk, &mx, &w.resp, &w.cq, dz, gm, gl);
-                            adam_range(&adam, th, st, off, off + 2 * kz);
-                        }
-                    }
+                    let cq = &w.cq[..rows];
+                    net.prior_backward(th, st, &adam, zk, cq, dz, &mut w.pr, w.par);
                 }
                 if let (Some(u), Some(uw)) = (&net.upper, w.up.as_mut()) {
                     let (z1, cq) = (&w.zs[0], &w.cq[..rows]);
@@ -1272,12 +1352,16 @@ impl Fused {
                 linear::linear_backward(st.g, Some(&mut w.d2), top, &w.d_hd, th, net.head, b, true);
                 std::mem::swap(&mut w.d1, &mut w.d2);
                 if use_cq {
-                    add_pseudo_grad(&w.pw, st.g, net.head.w, net.head.end());
+                    add_pseudo_grad(&w.pr.pw, st.g, net.head.w, net.head.end());
                 }
                 adam_range(&adam, th, st, net.head.w, net.head.end());
             },
         );
-        // Encoder layers, last to first.
+        // Encoder layers, last to first (the hvae wiring's went with the rest).
+        if net.hvae.is_some() {
+            self.theta = theta;
+            return (recon, kl);
+        }
         let mut st = Moments {
             g: &mut self.grad,
             m: &mut self.m,
@@ -1300,7 +1384,7 @@ impl Fused {
                 true,
             );
             if use_cq {
-                add_pseudo_grad(&w.pw, st.g, l.w, l.end());
+                add_pseudo_grad(&w.pr.pw, st.g, l.w, l.end());
             }
             adam_range(&adam, th, &mut st, l.w, l.end());
         }

@@ -384,6 +384,58 @@ fn two_stochastic_layers_chain() {
     });
 }
 
+/// Two stochastic layers, hvae wiring: x -> `hidden` (its first width the branches', the rest
+/// the joint layers') with z1 (`z`.0), `upper`'s widths for q(z2|x) and p(z1|z2) with z2 (`z`.1).
+fn hvae(hidden: Vec<usize>, upper: Vec<usize>, z: (usize, usize)) -> ModelConfig {
+    ModelConfig {
+        wiring: crate::config::Wiring::Hvae,
+        ..chain(hidden, upper, z)
+    }
+}
+
+#[test]
+fn two_stochastic_layers_hvae() {
+    // Tomczak & Welling's wiring: the branches and joint layers (with and without joint layers),
+    // every activation kind, the KL weight, Monte-Carlo and IWAE samples, the three priors on z2
+    // (the VampPrior through q(z2|x) at its pseudo-inputs), the log-variance clip, a Gaussian
+    // decoder.
+    use crate::config::Prior;
+    for act in [Activation::Tanh, Activation::Relu, Activation::Gated] {
+        check(ModelConfig {
+            activation: act,
+            ..hvae(vec![6, 5], vec![5, 4], (3, 2))
+        });
+    }
+    check(hvae(vec![6], vec![5], (3, 2)));
+    let h = hvae(vec![6, 5], vec![5], (3, 2));
+    check_with(h.clone(), 1, 1, 0.4, false);
+    check_with(h.clone(), 3, 1, 1.0, false);
+    check_with(h.clone(), 1, 3, 1.0, false);
+    for prior in [Prior::Mog, Prior::Vamp] {
+        let p = ModelConfig {
+            prior,
+            prior_components: 3,
+            ..h.clone()
+        };
+        check(p.clone());
+        check_with(p, 1, 3, 1.0, false);
+    }
+    check(ModelConfig {
+        activation: Activation::Gated,
+        prior: Prior::Vamp,
+        prior_components: 4,
+        logvar_min: Some(-0.05),
+        logvar_max: Some(0.05),
+        ..hvae(vec![6, 5], vec![5, 4], (3, 2))
+    });
+    check(ModelConfig {
+        decoder: DecoderKind::Gaussian,
+        learn_sigma: true,
+        sigma: 0.5,
+        ..h
+    });
+}
+
 #[test]
 fn autoencoder() {
     check(ModelConfig {
@@ -414,6 +466,14 @@ fn adam_step_matches_optim() {
         (gated, true),
         (two.clone(), false),
         (two, true),
+        (
+            ModelConfig {
+                prior: crate::config::Prior::Vamp,
+                prior_components: 3,
+                ..hvae(vec![6, 5], vec![5], (3, 2))
+            },
+            true,
+        ),
     ] {
         let cfg = config(model.clone(), 1, 1);
         let (dim, b) = (9, 4);
@@ -486,6 +546,11 @@ fn iw_estimate_matches_candle_log_weights() {
             ..small(vec![7], 3)
         },
         chain(vec![7], vec![5, 4], (3, 2)),
+        ModelConfig {
+            prior: crate::config::Prior::Vamp,
+            prior_components: 3,
+            ..hvae(vec![7, 6], vec![5], (3, 2))
+        },
     ];
     for model in models {
         for k in [5usize, 700] {
