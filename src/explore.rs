@@ -84,14 +84,6 @@ fn activation_name(a: Activation) -> &'static str {
 pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
     let cfg = &l.model.cfg;
     let zd = cfg.top_latent();
-    if !cfg.upper.is_empty() && cfg.wiring == crate::config::Wiring::Hvae {
-        bail!(
-            "{}: the explorer's page decodes one stochastic layer or the chain wiring; this run's \
-             hvae wiring joins z1 and z2 in its decoder (vae manifold, scatter and interpolate \
-             draw its top layer)",
-            l.dir.display()
-        );
-    }
     if zd < 2 {
         bail!("the run's latent space is 1-D; the explorer needs a plane (vae manifold --dim 1 traverses it)");
     }
@@ -107,9 +99,11 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
             .with_context(|| format!("{}: tensor {name}", l.dir.display()))
     };
     // The decoder: hidden layers (the encoder's widths reversed), then the output layer. With a
-    // second stochastic layer (chain wiring) the page decodes a code of z2 through p(z1|z2)'s
-    // mean first: its hidden layers, then its mu head (`linear`: no activation), as `vae`'s
-    // pictures do (`Vae::decode_top`).
+    // second stochastic layer the page decodes a code of z2 through p(z1|z2)'s mean first: its
+    // hidden layers, then its mu head (`linear`: no activation), as `vae`'s pictures do
+    // (`Vae::decode_top`). The hvae wiring's first decoder layer on z1 carries the branch on z2
+    // (`z2`: a layer on the code itself) whose output the page appends to its own.
+    let hvae = !cfg.upper.is_empty() && cfg.wiring == crate::config::Wiring::Hvae;
     let mut layers = Vec::new();
     let mut prev = zd;
     let gated = cfg.activation == Activation::Gated;
@@ -123,21 +117,28 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
     for (i, &h) in cfg.hidden.iter().rev().enumerate() {
         names.push((format!("decoder.hidden.{i}"), h));
     }
-    for (name, h) in names {
-        let linear = name == "decoder2.mu";
+    let dense = |name: &str, nin: usize, nout: usize| -> Result<serde_json::Value> {
         let mut layer = json!({
-            "in": prev, "out": h,
+            "in": nin, "out": nout,
             "w": floats(&get(&format!("{name}.weight"))?, precision),
             "b": floats(&get(&format!("{name}.bias"))?, precision),
         });
-        if linear {
+        if name == "decoder2.mu" {
             layer["linear"] = true.into();
         } else if gated {
             layer["gw"] = floats(&get(&format!("{name}.gate.weight"))?, precision).into();
             layer["gb"] = floats(&get(&format!("{name}.gate.bias"))?, precision).into();
         }
-        layers.push(layer);
+        Ok(layer)
+    };
+    for (name, h) in names {
+        let mut layer = dense(&name, prev, h)?;
         prev = h;
+        if hvae && name == "decoder.hidden.0" {
+            layer["z2"] = dense("decoder.z2.0", zd, h)?;
+            prev = 2 * h;
+        }
+        layers.push(layer);
     }
     layers.push(json!({
         "in": prev, "out": l.dim(),

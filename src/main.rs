@@ -142,8 +142,8 @@ enum Cmd {
     },
     /// One self-contained HTML page to move through the latent space live in a browser.
     ///
-    /// With two stochastic layers (chain wiring): the top layer z2, decoded through p(z1|z2)'s
-    /// mean.
+    /// With two stochastic layers: the top layer z2, decoded through p(z1|z2)'s mean (the hvae
+    /// wiring's decoder also reads z2).
     Explore {
         /// Put the first N test images' codes in the scatter (0 = all).
         #[arg(long, default_value_t = 5000, allow_negative_numbers = true, value_parser = count("images", 0, usize::MAX))]

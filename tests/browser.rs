@@ -103,6 +103,13 @@ fn the_page_decodes_as_vae_does() {
             "model.hidden=[[32], [16, 16]]",
             "model.activation=tanh",
         ],
+        // The hvae wiring: then [h'(z1) | g'(z2)] through the joint layer, gated.
+        &[
+            "model.latent=[6, 3]",
+            "model.hidden=[[16, 24], [16]]",
+            "model.wiring=hvae",
+            "model.activation=gated",
+        ],
     ] {
         let mut extra = Vec::new();
         for s in set {

@@ -515,5 +515,6 @@ fn hvae_with_the_vamp_prior_trains_evaluates_and_samples() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["iw_nll"].as_f64().unwrap().is_finite(), "{v}");
     ok(t.path(), &["sample", "-n", "9", "-o", "s.png"]);
-    fails(t.path(), &["explore", "-o", "e.html"], "hvae wiring");
+    // The explorer decodes the hvae wiring's top layer (tests/browser.rs checks its pixels).
+    ok(t.path(), &["explore", "--limit", "50", "-o", "e.html"]);
 }
