@@ -65,7 +65,8 @@ enum Cmd {
     },
     /// New images from the run's prior (N(0, I), or its mixture) decoded, as a PNG grid.
     ///
-    /// With two stochastic layers: z2 from the prior, decoded through p(z1|z2)'s mean.
+    /// With two stochastic layers, ancestral samples: z2 from the prior, z1 drawn from p(z1|z2)
+    /// (its noise scaled by --temperature too), then the decoder.
     Sample {
         /// Number of images; the grid is as square as the count allows.
         #[arg(short, default_value_t = 64, allow_negative_numbers = true,
@@ -101,6 +102,9 @@ enum Cmd {
         pic: PicArgs,
     },
     /// Test images above their reconstructions, as a PNG grid.
+    ///
+    /// Decoded at every layer's posterior mean: with two stochastic layers, z1's (the chain's
+    /// mu1(x); the hvae's mu1(x, z2) at z2 = mu2(x)).
     Reconstruct {
         /// The first N test images.
         #[arg(short, default_value_t = 16, allow_negative_numbers = true,

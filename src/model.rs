@@ -541,6 +541,37 @@ impl Vae {
         }
     }
 
+    /// Ancestral sampling below a code `z` of the top layer (B, Z_top): with two layers, z1 =
+    /// mu + sigma e1 from p(z1|z2) for the noise `e1` (B, Z1), then the decoder's raw output;
+    /// with one layer, the decoder's output at z.
+    pub fn decode_ancestral(&self, z: &Tensor, e1: &Tensor) -> Result<Tensor> {
+        match &self.upper {
+            None => self.decode(z),
+            Some(Second::Chain(c)) => {
+                let (mu, lv) = c.p.forward(z, &self.cfg)?;
+                self.decode(&Self::reparameterize(&mu, &lv, e1)?)
+            }
+            Some(Second::Hvae(h)) => {
+                let (mu, lv) = h.p1.forward(z, &self.cfg)?;
+                self.hvae_px(h, &Self::reparameterize(&mu, &lv, e1)?, z)
+            }
+        }
+    }
+
+    /// The decoder's raw output at the posterior means of every layer (B, D): a reconstruction.
+    /// Two layers: the chain's z1 = mu1(x); the hvae's z2 = mu2(x), then z1 = mu1(x, z2).
+    pub fn reconstruct(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.upper {
+            None => self.decode(&self.code(x)?),
+            Some(Second::Chain(_)) => self.decode(&self.encode(x)?.0),
+            Some(Second::Hvae(h)) => {
+                let mu2 = h.q2.forward(x, &self.cfg)?.0;
+                let mu1 = self.hvae_q1(h, &self.enc.forward(x)?, &mu2)?.0;
+                self.hvae_px(h, &mu1, &mu2)
+            }
+        }
+    }
+
     /// Each flow step's (u, w, b) for S samples per image: from the amortized head's output
     /// `fp` (B, K (2Z + 1)), repeated per sample, or the global parameters.
     fn flow_steps(&self, fp: Option<&Tensor>, s: usize) -> Result<Vec<(Tensor, Tensor, Tensor)>> {

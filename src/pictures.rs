@@ -46,6 +46,34 @@ pub fn decode_means(l: &Loaded, z: &[f32]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// The dimensions of the noise below the top layer that ancestral sampling draws: Z1 with two
+/// stochastic layers, else none.
+pub fn lower_noise(l: &Loaded) -> usize {
+    if l.model.cfg.upper.is_empty() {
+        0
+    } else {
+        l.model.cfg.latent
+    }
+}
+
+/// Pixel means of ancestral samples below top-layer codes `z` (n, Z_top): with two layers z1
+/// from p(z1|z2) for the noise `e1` (n, Z1); with one, the decoder's means at z.
+pub fn decode_ancestral(l: &Loaded, z: &[f32], e1: &[f32]) -> Result<Vec<f32>> {
+    let (zd, ld) = (l.model.cfg.top_latent(), lower_noise(l));
+    if ld == 0 {
+        return decode_means(l, z);
+    }
+    let mut out = Vec::with_capacity(z.len() / zd * l.dim());
+    for (c, e) in z.chunks(CHUNK * zd).zip(e1.chunks(CHUNK * ld)) {
+        let n = c.len() / zd;
+        let t = Tensor::from_slice(c, (n, zd), &l.dev)?;
+        let et = Tensor::from_slice(e, (n, ld), &l.dev)?;
+        let m = l.model.mean(&l.model.decode_ancestral(&t, &et)?)?;
+        out.extend(m.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
 /// The codes of `x` (n, D) at the posterior's centre (n, Z) on the host, in chunks: the means
 /// mu, carried through the flows when the model has them (`Vae::code`).
 pub fn encode_means(l: &Loaded, x: &[f32]) -> Result<Vec<f32>> {
@@ -77,8 +105,10 @@ fn said(out: &Output, what: &str, wh: (u32, u32)) {
     }
 }
 
-/// `vae sample`: `n` draws z ~ N(0, temperature^2 I), decoded to pixel means (or, with `draw`,
-/// to a sample of p(x|z)), as a grid as square as `n` allows.
+/// `vae sample`: `n` draws z ~ N(0, temperature^2 I) (the run's prior), decoded to pixel means
+/// (or, with `draw`, to a sample of p(x|z)), as a grid as square as `n` allows. Two stochastic
+/// layers are sampled ancestrally: z2 from the prior, z1 from p(z1|z2) (its noise scaled by the
+/// temperature too), then the decoder.
 pub fn sample(
     l: &Loaded,
     n: usize,
@@ -107,7 +137,13 @@ pub fn sample(
     let k = l.model.prior_components();
     let pick: Vec<usize> = (0..n).map(|_| rng.random_range(0..k)).collect();
     let z = prior_z(l, &eps, &pick)?;
-    let mut px = decode_means(l, &z)?;
+    let e1: Vec<f32> = (0..n * lower_noise(l))
+        .map(|_| {
+            let e: f32 = StandardNormal.sample(&mut rng);
+            e * temperature as f32
+        })
+        .collect();
+    let mut px = decode_ancestral(l, &z, &e1)?;
     if draw {
         match l.model.decoder_logvar()? {
             None => px
@@ -340,8 +376,7 @@ pub fn reconstruction_png(
     for &i in idx {
         x.extend_from_slice(&px[i * d..(i + 1) * d]);
     }
-    let mu = encode_means(l, &x)?;
-    let rec = decode_means(l, &mu)?;
+    let rec = reconstruct_means(l, &x)?;
     let cols = cols.clamp(1, idx.len());
     let rows = idx.len().div_ceil(cols);
     // One grid per pair of rows (originals over their reconstructions), a white gap between
@@ -375,6 +410,19 @@ pub const PAIR_GAP: usize = 6;
 /// Row labels' text height for cells `cell_h` pixels high: about 40% of the cell, 11 px at least.
 fn label_size(cell_h: usize) -> u32 {
     ((cell_h as f64 * 0.4).round() as u32).max(11)
+}
+
+/// Reconstructions' pixel means of `x` (n, D): the decoder at every layer's posterior mean
+/// (`Vae::reconstruct`), in chunks.
+pub fn reconstruct_means(l: &Loaded, x: &[f32]) -> Result<Vec<f32>> {
+    let d = l.dim();
+    let mut out = Vec::with_capacity(x.len());
+    for c in x.chunks(CHUNK * d) {
+        let t = Tensor::from_slice(c, (c.len() / d, d), &l.dev)?;
+        let m = l.model.mean(&l.model.reconstruct(&t)?)?;
+        out.extend(m.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
 }
 
 /// `vae interpolate`: the decoded straight line between the posterior means of two test images
@@ -615,10 +663,13 @@ pub fn epoch_pictures(
 ) -> Result<()> {
     let dir = run_dir.join("pictures");
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let n = z.len() / l.model.cfg.top_latent();
-    // The fixed standard-normal draws through the run's prior (component i mod K for image i).
+    let zd = l.model.cfg.top_latent();
+    let n = z.len() / (zd + lower_noise(l));
+    // The fixed standard-normal draws through the run's prior (component i mod K for image i),
+    // then (two layers) the fixed noise of z1 for ancestral samples.
+    let (z, e1) = z.split_at(n * zd);
     let z = prior_z(l, z, &(0..n).collect::<Vec<_>>())?;
-    let px = decode_means(l, &z)?;
+    let px = decode_ancestral(l, &z, e1)?;
     let g = picture::grid(&px, n, l.cell(), picture::square_cols(n), 1);
     crate::run::write_atomic(&dir.join(format!("sample-{epoch:03}.png")), &g.png()?)?;
     let k = (test_px.len() / l.dim()).min(8);

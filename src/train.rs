@@ -425,7 +425,7 @@ impl<'a> Session<'a> {
             done,
             csv,
             partial,
-            picture_z: pictures::fixed_z(cfg.seed, 64, cfg.model.top_latent()),
+            picture_z: pictures::fixed_z(cfg.seed, 64, cfg.model.noise_dim()),
             test_px,
             ds,
         })
