@@ -9,6 +9,7 @@
 //! - `upper`: the chain wiring's second stochastic layer, q(z2|z1) and p(z1|z2) with their MLPs
 //!   (Burda et al. 2015);
 //! - `hvae`: the hvae wiring's two layers (Tomczak & Welling 2018), its concatenated branches;
+//! - `conv`: convolution and transposed convolution (not yet wired: issue 32);
 //! - `planar`: a planar flow step (Rezende & Mohamed 2015);
 //! - `likelihood`: Bernoulli and Gaussian p(x|z);
 //! - `objective`: ELBO / Monte-Carlo mean, the IWAE bound (Burda et al. 2015), free bits;
@@ -31,6 +32,7 @@
 
 pub mod adam;
 pub mod conditional;
+pub mod conv;
 pub mod hvae;
 pub mod iw;
 pub mod latent;
