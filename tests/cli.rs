@@ -382,6 +382,23 @@ fn vamp_prior_trains_evaluates_and_samples() {
     );
 }
 
+/// Trains tiny with `args` in `dir` (the fused step, as `auto` picks on the CPU) and again on
+/// autograd in a temporary directory: the same draws, so the same test -ELBO after the last
+/// epoch up to f32 rounding. Returns the fused run's directory.
+fn fused_as_autograd(dir: &Path, args: &[&str]) -> PathBuf {
+    let out = ok(dir, &tiny_args(args));
+    assert!(out.contains("engine fused CPU step"), "{out}");
+    let run = dir.join("runs/tiny");
+    let c = tempfile::tempdir().unwrap();
+    let mut args = args.to_vec();
+    args.extend(["--set", "train.engine=autograd"]);
+    let other = tiny(c.path(), &args);
+    let last = |r: &Path| -> f64 { metrics(r).last().unwrap()[5].parse().unwrap() };
+    let (f, g) = (last(&run), last(&other));
+    assert!((f - g).abs() < 0.05, "test -ELBO fused {f}, autograd {g}");
+    run
+}
+
 /// Two stochastic layers (Burda et al.'s chain) end to end on a tiny config: the fused step
 /// trains them (autograd, on the same draws, reaches the same test -ELBO), a resumed run ends
 /// where an unbroken one does, `eval --iw` scores them, the pictures and the explorer draw the
@@ -401,16 +418,7 @@ fn two_stochastic_layers_train_resume_evaluate_and_draw() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut args = two.to_vec();
     args.extend(["--set", "train.epochs=2"]);
-    let out = ok(a.path(), &tiny_args(&args));
-    assert!(out.contains("engine fused CPU step"), "{out}");
-    let run = a.path().join("runs/tiny");
-    // The same run on autograd: the same draws, so the same test -ELBO up to f32 rounding.
-    let c = tempfile::tempdir().unwrap();
-    args.extend(["--set", "train.engine=autograd"]);
-    let other = tiny(c.path(), &args);
-    let last = |r: &Path| -> f64 { metrics(r)[2][5].parse().unwrap() };
-    let (f, g) = (last(&run), last(&other));
-    assert!((f - g).abs() < 0.05, "test -ELBO fused {f}, autograd {g}");
+    let run = fused_as_autograd(a.path(), &args);
     let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(
         cfg.contains("latent = [8, 4]") && cfg.contains("wiring = \"chain\""),
@@ -474,7 +482,7 @@ fn two_stochastic_layers_train_resume_evaluate_and_draw() {
 #[test]
 fn hvae_with_the_vamp_prior_trains_evaluates_and_samples() {
     let t = tempfile::tempdir().unwrap();
-    let mut args = vec![
+    let args = vec![
         "--set",
         "model.latent=[8, 4]",
         "--set",
@@ -492,15 +500,7 @@ fn hvae_with_the_vamp_prior_trains_evaluates_and_samples() {
         "--set",
         "model.logvar_max=2",
     ];
-    let out = ok(t.path(), &tiny_args(&args));
-    assert!(out.contains("engine fused CPU step"), "{out}");
-    let run = t.path().join("runs/tiny");
-    let c = tempfile::tempdir().unwrap();
-    args.extend(["--set", "train.engine=autograd"]);
-    let other = tiny(c.path(), &args);
-    let last = |r: &Path| -> f64 { metrics(r)[2][5].parse().unwrap() };
-    let (f, g) = (last(&run), last(&other));
-    assert!((f - g).abs() < 0.05, "test -ELBO fused {f}, autograd {g}");
+    let run = fused_as_autograd(t.path(), &args);
     let m = metrics(&run);
     let (first, last): (f64, f64) = (m[0][5].parse().unwrap(), m[2][5].parse().unwrap());
     assert!(last < first, "test -ELBO {first} -> {last}");

@@ -19,7 +19,7 @@
 use super::adam::{adam_range, AdamStep, Moments};
 use super::latent::{self, Dims};
 use super::linear::{self, Lin};
-use super::{add_pseudo_grad, conditional, Net, Work};
+use super::{add_pseudo_grad, conditional, mlp_backward, Net, Work};
 use crate::config::{Activation, ModelConfig};
 
 /// The layers beyond `Net`'s own (whose `enc` is h(x), `head` q(z1|x, z2)'s, `dec` h'(z1) and
@@ -288,12 +288,20 @@ impl Hvae {
         let Some(hw) = hv.as_mut() else { return };
         let step = |th: &mut [f32], st: &mut Moments, l: Lin| step_layer(adam, th, st, l);
         // p(x|z1, z2)'s joint layers, down to d[h'(z1) | g'(z2)] in d1 (rows, 2 bp).
-        for (i, l) in self.pjoint.iter().enumerate().rev() {
-            let input: &[f32] = if i == 0 { &hw.catp } else { &hw.pj_h[i - 1] };
-            let ah = (input, &hw.pj_a[i][..], &hw.pj_h[i][..]);
-            linear::layer_backward(st.g, true, d1, d2, ah, th, *l, rows, act, par);
-            step(th, st, *l);
-        }
+        let shape = (rows, act, par);
+        let acts = (&hw.pj_a[..], &hw.pj_h[..]);
+        mlp_backward(
+            &self.pjoint,
+            &hw.catp,
+            acts,
+            (d1, d2),
+            th,
+            st,
+            adam,
+            shape,
+            true,
+            &None,
+        );
         // g'(z2)'s half into s1, h'(z1)'s packed at the front of d1; each branch down to its z.
         split(d1, &mut hw.s1, self.bp, rows);
         let l = net.dec[0];
@@ -320,14 +328,8 @@ impl Hvae {
         let l = self.p1head;
         linear::linear_backward(st.g, Some(&mut hw.s1), top, &hw.d_hd, th, l, rows, par);
         step(th, st, l);
-        for (i, l) in self.p1.iter().enumerate().rev() {
-            let input: &[f32] = if i == 0 { &hw.z2 } else { &hw.p1_h[i - 1] };
-            let ah = (input, &hw.p1_a[i][..], &hw.p1_h[i][..]);
-            linear::layer_backward(
-                st.g, true, &mut hw.s1, &mut hw.s2, ah, th, *l, rows, act, par,
-            );
-            step(th, st, *l);
-        }
+        let (acts, ds) = ((&hw.p1_a[..], &hw.p1_h[..]), (&mut hw.s1, &mut hw.s2));
+        mlp_backward(&self.p1, &hw.z2, acts, ds, th, st, adam, shape, true, &None);
         add(&mut hw.dz2, &hw.s1, rows * z2);
         // The prior at z2.
         net.prior_backward(th, st, adam, &hw.z2[..rows * z2], cq, &mut hw.dz2, pr, par);
@@ -350,14 +352,9 @@ impl Hvae {
         let l = net.head;
         linear::linear_backward(st.g, Some(&mut hw.s1), top, &hw.d_hd, th, l, rows, par);
         step(th, st, l);
-        for (i, l) in self.qjoint.iter().enumerate().rev() {
-            let input: &[f32] = if i == 0 { &hw.catq } else { &hw.qj_h[i - 1] };
-            let ah = (input, &hw.qj_a[i][..], &hw.qj_h[i][..]);
-            linear::layer_backward(
-                st.g, true, &mut hw.s1, &mut hw.s2, ah, th, *l, rows, act, par,
-            );
-            step(th, st, *l);
-        }
+        let (acts, ds) = ((&hw.qj_a[..], &hw.qj_h[..]), (&mut hw.s1, &mut hw.s2));
+        let q = &self.qjoint;
+        mlp_backward(q, &hw.catq, acts, ds, th, st, adam, shape, true, &None);
         // h(x)'s half summed over each image's samples into d1 (B, bq); g(z2)'s packed in s1.
         let bq = self.bq;
         d1[..b * bq].fill(0.0);
@@ -401,13 +398,9 @@ impl Hvae {
         linear::linear_backward(st.g, Some(&mut hw.s1), top, &hw.d_hd, th, l, b, par);
         add_pseudo_grad(&pr.pw, st.g, l.w, l.end());
         step(th, st, l);
-        for (i, l) in self.q2.iter().enumerate().rev() {
-            let input: &[f32] = if i == 0 { x } else { &hw.q2_h[i - 1] };
-            let ah = (input, &hw.q2_a[i][..], &hw.q2_h[i][..]);
-            linear::layer_backward(st.g, i > 0, &mut hw.s1, &mut hw.s2, ah, th, *l, b, act, par);
-            add_pseudo_grad(&pr.pw, st.g, l.w, l.end());
-            step(th, st, *l);
-        }
+        let (acts, ds) = ((&hw.q2_a[..], &hw.q2_h[..]), (&mut hw.s1, &mut hw.s2));
+        let shape = (b, act, par);
+        mlp_backward(&self.q2, x, acts, ds, th, st, adam, shape, false, &pr.pw);
     }
 }
 

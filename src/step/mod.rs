@@ -738,6 +738,33 @@ fn add_pseudo_grad(pw: &Option<PseudoWork>, g: &mut [f32], lo: usize, hi: usize)
     }
 }
 
+/// An MLP's hidden layers backward, last to first, from d(loss)/d(its output) in `d.0`: each
+/// layer's gradients into `st.g`, the VampPrior's share (`pseudo`) added, and its Adam step as
+/// soon as they are final; d(loss)/d(`input`) left in `d.0` when `want_dx`. `acts` are the
+/// forward's pre-activations and activations, `rows` rows each.
+#[allow(clippy::too_many_arguments)]
+fn mlp_backward(
+    layers: &[Lin],
+    input: &[f32],
+    acts: (&[Vec<f32>], &[Vec<f32>]),
+    d: (&mut Vec<f32>, &mut Vec<f32>),
+    th: &mut [f32],
+    st: &mut Moments,
+    adam: &Option<AdamStep>,
+    (rows, act, par): (usize, Activation, bool),
+    want_dx: bool,
+    pseudo: &Option<PseudoWork>,
+) {
+    let (pre, out) = acts;
+    for (i, l) in layers.iter().enumerate().rev() {
+        let x: &[f32] = if i == 0 { input } else { &out[i - 1] };
+        let ah = (x, &pre[i][..], &out[i][..]);
+        linear::layer_backward(st.g, i > 0 || want_dx, d.0, d.1, ah, th, *l, rows, act, par);
+        add_pseudo_grad(pseudo, st.g, l.w, l.end());
+        adam_range(adam, th, st, l.w, l.end());
+    }
+}
+
 /// The flows' kept values, all steps end to end: u^ (K, n, Z), m (K, n), tanh and det (K, rows);
 /// and the backward's two Z-wide sums.
 #[derive(Default)]
@@ -1264,26 +1291,10 @@ impl Fused {
                     return;
                 }
                 // Decoder layers, last to first; d1 holds d(loss)/d(output of the layer).
-                for (i, l) in net.dec.iter().enumerate().rev() {
-                    let input: &[f32] = match i {
-                        0 if compact => &w.zc,
-                        0 => &w.zs[flows],
-                        _ => &w.dec_h[i - 1],
-                    };
-                    linear::layer_backward(
-                        st.g,
-                        true,
-                        &mut w.d1,
-                        &mut w.d2,
-                        (input, &w.dec_a[i], &w.dec_h[i]),
-                        th,
-                        *l,
-                        brows,
-                        act,
-                        true,
-                    );
-                    adam_range(&adam, th, st, l.w, l.end());
-                }
+                let z_in: &[f32] = if compact { &w.zc } else { &w.zs[flows] };
+                let (acts, ds) = ((&w.dec_a[..], &w.dec_h[..]), (&mut w.d1, &mut w.d2));
+                let shape = (brows, act, true);
+                mlp_backward(&net.dec, z_in, acts, ds, th, st, &adam, shape, true, &None);
                 if compact {
                     math::scatter_rows(&mut w.d1, &w.keep, z, rows);
                 }
@@ -1371,25 +1382,12 @@ impl Fused {
             base: 0,
             blocks: &self.blocks,
         };
-        for (i, l) in net.enc.iter().enumerate().rev() {
-            let input: &[f32] = if i == 0 { &w.x } else { &w.enc_h[i - 1] };
-            linear::layer_backward(
-                st.g,
-                i > 0,
-                &mut w.d1,
-                &mut w.d2,
-                (input, &w.enc_a[i], &w.enc_h[i]),
-                th,
-                *l,
-                b,
-                act,
-                true,
-            );
-            if use_cq {
-                add_pseudo_grad(&w.pr.pw, st.g, l.w, l.end());
-            }
-            adam_range(&adam, th, &mut st, l.w, l.end());
-        }
+        let pseudo = if use_cq { &w.pr.pw } else { &None };
+        let (acts, ds) = ((&w.enc_a[..], &w.enc_h[..]), (&mut w.d1, &mut w.d2));
+        let shape = (b, act, true);
+        mlp_backward(
+            &net.enc, &w.x, acts, ds, th, &mut st, &adam, shape, false, pseudo,
+        );
         self.theta = theta;
         (recon, kl)
     }

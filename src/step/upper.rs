@@ -20,6 +20,7 @@ use super::adam::{adam_range, AdamStep, Moments};
 use super::conditional;
 use super::latent::{self, Dims};
 use super::linear::{self, Lin};
+use super::mlp_backward;
 use crate::config::Activation;
 
 /// The second layer's parameters in `theta`: q(z2|z1)'s hidden layers and head (H, 2 Z2), then
@@ -164,22 +165,9 @@ impl Upper {
         let l = self.phead;
         linear::linear_backward(st.g, Some(&mut w.s1), top, &w.d_hd, th, l, rows, par);
         adam_range(adam, th, st, l.w, l.end());
-        for (i, l) in self.dec.iter().enumerate().rev() {
-            let input: &[f32] = if i == 0 { &w.z2 } else { &w.dec_h[i - 1] };
-            linear::layer_backward(
-                st.g,
-                true,
-                &mut w.s1,
-                &mut w.s2,
-                (input, &w.dec_a[i], &w.dec_h[i]),
-                th,
-                *l,
-                rows,
-                act,
-                par,
-            );
-            adam_range(adam, th, st, l.w, l.end());
-        }
+        let (acts, d) = ((&w.dec_a[..], &w.dec_h[..]), (&mut w.s1, &mut w.s2));
+        let shape = (rows, act, par);
+        mlp_backward(&self.dec, &w.z2, acts, d, th, st, adam, shape, true, &None);
         let n = rows * self.z2;
         w.dz2[..n].copy_from_slice(&w.s1[..n]);
     }
@@ -214,22 +202,9 @@ impl Upper {
         let l = self.qhead;
         linear::linear_backward(st.g, Some(&mut w.s1), top, &w.d_hd, th, l, rows, par);
         adam_range(adam, th, st, l.w, l.end());
-        for (i, l) in self.enc.iter().enumerate().rev() {
-            let input: &[f32] = if i == 0 { z1 } else { &w.enc_h[i - 1] };
-            linear::layer_backward(
-                st.g,
-                true,
-                &mut w.s1,
-                &mut w.s2,
-                (input, &w.enc_a[i], &w.enc_h[i]),
-                th,
-                *l,
-                rows,
-                act,
-                par,
-            );
-            adam_range(adam, th, st, l.w, l.end());
-        }
+        let (acts, d) = ((&w.enc_a[..], &w.enc_h[..]), (&mut w.s1, &mut w.s2));
+        let shape = (rows, act, par);
+        mlp_backward(&self.enc, z1, acts, d, th, st, adam, shape, true, &None);
         for (a, b) in dz1[..rows * self.z1].iter_mut().zip(&w.s1) {
             *a += b;
         }
