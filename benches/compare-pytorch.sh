@@ -9,7 +9,8 @@
 # importance-weighted or averaged), burda (784-200-200-50 tanh, batch 20, dynamic binarization),
 # burda-iwae5 (the same with IWAE k = 5), burda2 and burda2-iwae5 (Burda et al.'s two stochastic
 # layers, 784-200-200-100 and 100-100-100-50 tanh, chain wiring, batch 20, dynamic binarization;
-# k = 1 and IWAE k = 5).
+# k = 1 and IWAE k = 5), conv (the peer's conv network: 4x4 stride-2 convolutions of 32 and 64
+# channels, a dense layer of 256, z = 32, ReLU, batch 128, grey pixels as the reference recipe).
 # PYTHON names an interpreter with torch (default: python3); PEER the peer script; VAE_BIN a
 # built vae binary to time instead of building target/release/vae.
 set -euo pipefail
@@ -34,7 +35,9 @@ case "$VARIANT" in
   burda-iwae5) VAE=("${BURDA_VAE[@]}" --set train.iw_samples=5); TORCH=("${BURDA_PEER[@]}" --k 5 --objective iwae) ;;
   burda2) VAE=("${BURDA2_VAE[@]}"); TORCH=("${BURDA2_PEER[@]}") ;;
   burda2-iwae5) VAE=("${BURDA2_VAE[@]}" --set train.iw_samples=5); TORCH=("${BURDA2_PEER[@]}" --k 5 --objective iwae) ;;
-  *) echo "error: unknown variant $VARIANT (ref, iwae5, iwae50, mc5, burda, burda-iwae5, burda2, burda2-iwae5)" >&2; exit 2 ;;
+  conv) VAE=(--set 'model.arch="conv"' --set 'model.conv=[[32,4,2],[64,4,2]]' --set 'model.hidden=[256]' --set model.latent=32)
+    TORCH=(--arch conv --channels 32,64 --dense 256 --latent 32) ;;
+  *) echo "error: unknown variant $VARIANT (ref, iwae5, iwae50, mc5, burda, burda-iwae5, burda2, burda2-iwae5, conv)" >&2; exit 2 ;;
 esac
 "$PY" -c 'import torch' 2>/dev/null || { echo "error: $PY has no torch; set PYTHON (see ../shared/bench/README.md)" >&2; exit 1; }
 [ -f "$PEER" ] || { echo "error: no peer script at $PEER; set PEER" >&2; exit 1; }

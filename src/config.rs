@@ -29,6 +29,8 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ),
     ("mnist-ae.toml", include_str!("../configs/mnist-ae.toml")),
     ("tiny.toml", include_str!("../configs/tiny.toml")),
+    ("tiny-conv.toml", include_str!("../configs/tiny-conv.toml")),
+    ("conv-vae.toml", include_str!("../configs/conv-vae.toml")),
     ("burda-vae.toml", include_str!("../configs/burda-vae.toml")),
     (
         "burda2-vae.toml",
@@ -162,6 +164,49 @@ pub struct ModelConfig {
     pub logvar_min: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logvar_max: Option<f64>,
+    /// The networks' kind: dense layers only, or convolutions before (and transposed
+    /// convolutions after) the dense ones.
+    pub arch: Arch,
+    /// With `arch = "conv"`: per convolution, bottom first, [out channels, kernel, stride].
+    pub conv: Vec<[usize; 3]>,
+    /// The data's image shape [channels, height, width], set from the data when a model is built
+    /// (not a config key): a convolution needs it.
+    #[serde(skip)]
+    pub image: Option<[usize; 3]>,
+}
+
+/// The networks' kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Dense layers (`model.hidden`) between the data and the latent heads.
+    #[default]
+    Mlp,
+    /// Convolutions (`model.conv`) on the image, then the dense layers; the decoder mirrors them
+    /// with transposed convolutions.
+    Conv,
+}
+
+/// One convolution of a conv network: `c_in` -> `c_out` channels, a `k` x `k` kernel at stride
+/// `s` with `p` zeros of padding, taking `h` x `w` images to `h / s` x `w / s`; the decoder's
+/// transposed convolution takes them back with `op` rows of output padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvLayer {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub k: usize,
+    pub s: usize,
+    pub p: usize,
+    pub op: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl ConvLayer {
+    /// Values per image of the convolution's output: c_out (h / s) (w / s).
+    pub fn out_size(&self) -> usize {
+        self.c_out * (self.h / self.s) * (self.w / self.s)
+    }
 }
 
 /// A stochastic layer above the first: its dimensions, and the widths of the networks between it
@@ -223,6 +268,10 @@ struct RawModel {
     logvar_min: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     logvar_max: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arch: Option<Arch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conv: Option<Vec<[usize; 3]>>,
 }
 
 impl Default for RawModel {
@@ -279,8 +328,17 @@ impl From<RawModel> for ModelConfig {
             prior_components: r.prior_components,
             logvar_min: r.logvar_min,
             logvar_max: r.logvar_max,
+            arch: r.arch.unwrap_or_default(),
+            conv: r.conv.unwrap_or_else(default_conv),
+            image: None,
         }
     }
+}
+
+/// `model.conv`'s default: Kingma & Welling-style 4x4 stride-2 convolutions of 32 and 64
+/// channels (the peer's `--arch conv --channels 32,64`).
+fn default_conv() -> Vec<[usize; 3]> {
+    vec![[32, 4, 2], [64, 4, 2]]
 }
 
 impl From<ModelConfig> for RawModel {
@@ -312,11 +370,69 @@ impl From<ModelConfig> for RawModel {
             prior_components: m.prior_components,
             logvar_min: m.logvar_min,
             logvar_max: m.logvar_max,
+            // An MLP's file says nothing of convolutions (and reads as before this key).
+            arch: (m.arch == Arch::Conv).then_some(Arch::Conv),
+            conv: (m.arch == Arch::Conv).then_some(m.conv),
         }
     }
 }
 
 impl ModelConfig {
+    /// A conv network's layers on `image` [channels, height, width]: padding (k - s) / 2 rounded
+    /// up, so that a stride-s layer maps a side of n to n / s exactly, and the transposed
+    /// convolution's output padding that maps n / s back to n. Errors name the layer and sizes.
+    pub fn conv_layers(&self, image: [usize; 3]) -> anyhow::Result<Vec<ConvLayer>> {
+        let [mut c, mut h, mut w] = image;
+        let mut v = Vec::new();
+        for (i, &[c_out, k, s]) in self.conv.iter().enumerate() {
+            if h % s != 0 || w % s != 0 {
+                bail!(
+                    "key `model.conv[{i}]` (stride {s}): the layer's input is {h} x {w}, which stride {s} does not divide;                      use sizes divisible by the strides' product (`data.resize`) or a smaller stride"
+                );
+            }
+            let p = k.saturating_sub(s).div_ceil(2);
+            let side = |n: usize| (n + 2 * p).checked_sub(k).map(|m| m / s + 1);
+            if side(h) != Some(h / s) || side(w) != Some(w / s) {
+                bail!(
+                    "key `model.conv[{i}]` (kernel {k}, stride {s}): no padding maps {h} x {w} to {} x {} exactly; use a kernel of at least the stride",
+                    h / s,
+                    w / s
+                );
+            }
+            let op = s + 2 * p - k;
+            v.push(ConvLayer {
+                c_in: c,
+                c_out,
+                k,
+                s,
+                p,
+                op,
+                h,
+                w,
+            });
+            (c, h, w) = (c_out, h / s, w / s);
+        }
+        Ok(v)
+    }
+
+    /// The image shape a conv model was built for, or an error saying it is missing.
+    pub fn image_shape(&self) -> anyhow::Result<[usize; 3]> {
+        self.image
+            .ok_or_else(|| anyhow::anyhow!("a conv model needs the data's image shape (internal: set `ModelConfig::image` before building it)"))
+    }
+
+    /// The width of the dense layers' input (encoder) and output (decoder): the data's for an
+    /// MLP, the last convolution's for a conv network.
+    pub fn dense_input(&self, dim: usize) -> anyhow::Result<usize> {
+        match self.arch {
+            Arch::Mlp => Ok(dim),
+            Arch::Conv => Ok(self
+                .conv_layers(self.image_shape()?)?
+                .last()
+                .map_or(dim, |l| l.out_size())),
+        }
+    }
+
     /// Stochastic layers: 1, or 2 with `upper`.
     pub fn layers(&self) -> usize {
         1 + self.upper.len()
@@ -503,6 +619,9 @@ impl Default for ModelConfig {
             logvar_max: None,
             upper: vec![],
             wiring: Wiring::Chain,
+            arch: Arch::Mlp,
+            conv: default_conv(),
+            image: None,
         }
     }
 }
@@ -713,6 +832,19 @@ impl Config {
             }
             if let Some(j) = u.hidden.iter().position(|&h| h == 0) {
                 bail!("key `model.hidden[{}][{j}]` must be positive, got 0", i + 1);
+            }
+        }
+        if m.arch == Arch::Conv {
+            if m.conv.is_empty() {
+                bail!("key `model.conv` must list at least one convolution [out channels, kernel, stride], e.g. [[32, 4, 2], [64, 4, 2]]");
+            }
+            for (i, l) in m.conv.iter().enumerate() {
+                if l.contains(&0) {
+                    bail!("key `model.conv[{i}]` = {l:?}: out channels, kernel and stride must be positive");
+                }
+            }
+            if !m.upper.is_empty() {
+                bail!("key `model.arch`: \"conv\" is built for one stochastic layer so far; use a single `model.latent` or arch = \"mlp\"");
             }
         }
         if !m.upper.is_empty() {
@@ -1103,5 +1235,67 @@ mod tests {
         .unwrap();
         assert_eq!(h.model.wiring, Wiring::Hvae);
         assert!(h.to_toml().unwrap().contains("wiring = \"hvae\""));
+    }
+}
+
+#[cfg(test)]
+mod conv_tests {
+    use super::*;
+
+    fn conv(layers: Vec<[usize; 3]>) -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Conv,
+            conv: layers,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn conv_layers_pad_to_halve_exactly() {
+        // 28: kernel 4 stride 2 needs padding (4 - 2) / 2 = 1 -> 14, output padding 2 + 2 - 4 = 0;
+        // kernel 3 stride 2: padding ceil(1 / 2) = 1 -> 7, output padding 2 + 2 - 3 = 1;
+        // kernel 5 stride 1: padding 2 -> 7.
+        let v = conv(vec![[32, 4, 2], [64, 3, 2], [8, 5, 1]])
+            .conv_layers([1, 28, 28])
+            .unwrap();
+        let got: Vec<_> = v.iter().map(|l| (l.c_in, l.h, l.p, l.op)).collect();
+        assert_eq!(got, [(1, 28, 1, 0), (32, 14, 1, 1), (64, 7, 2, 0)]);
+        assert_eq!(v[2].out_size(), 8 * 7 * 7);
+        // 7 does not halve: one line naming the layer and the size.
+        let e = conv(vec![[32, 4, 2], [64, 4, 2], [8, 4, 2]])
+            .conv_layers([1, 28, 28])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.conv[2]") && e.contains("7 x 7"), "{e}");
+    }
+
+    #[test]
+    fn conv_keys_round_trip_and_mlp_files_stay_as_they_were() {
+        let text = "[model]\narch = \"conv\"\nconv = [[8, 3, 1]]\n";
+        let c = resolve(
+            &Source {
+                label: "t".into(),
+                text: text.into(),
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.model.arch, c.model.conv.clone()),
+            (Arch::Conv, vec![[8, 3, 1]])
+        );
+        assert!(c.to_toml().unwrap().contains("conv = [[8, 3, 1]]"));
+        let m = Config::default().to_toml().unwrap();
+        assert!(!m.contains("arch") && !m.contains("conv"), "{m}");
+        let bad = "[model]\narch = \"conv\"\nconv = [[8, 0, 1]]\n";
+        let e = resolve(
+            &Source {
+                label: "t".into(),
+                text: bad.into(),
+            },
+            &[],
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("model.conv[0]"), "{e:#}");
     }
 }

@@ -197,6 +197,8 @@ pub fn open(run_arg: Option<&str>, device: Option<&str>) -> Result<Loaded> {
     let params = run::load_tensors(&path, &dev)?;
     let state = run::load_state(&dir)?;
     run::check_model_unchanged(&dir, &state, &cfg)?;
+    let mut cfg = cfg;
+    cfg.model.image = Some([state.channels, state.rows, state.cols]);
     let dim = state.rows * state.cols * state.channels;
     model::check_params(&params, &cfg.model, dim, &path.display().to_string())?;
     let vb = VarBuilder::from_tensors(params.clone(), DType::F32, &dev);
@@ -243,7 +245,8 @@ pub fn run_eval(
     let (run_dir, state) = (&l.dir, Some(&l.state));
     let iw_value = if iw > 0 {
         let t0 = std::time::Instant::now();
-        let v = if matches!(l.dev, Device::Cpu) {
+        let v = if matches!(l.dev, Device::Cpu) && crate::step::unsupported(&l.cfg.model).is_none()
+        {
             // The fused forward, one worker per group of images.
             let px = test_pixels(&l.cfg, &test);
             let bar = progress_bar(test.n as u64, "IW estimate");
@@ -259,7 +262,7 @@ pub fn run_eval(
             bar.finish_and_clear();
             crate::step::iw::mean_and_se(&per)
         } else {
-            // candle's forward, on a GPU.
+            // candle's forward: on a GPU, or a model the fused step does not build.
             crate::step::iw::mean_and_se(&iw_nll(&l.model, &x, iw, l.cfg.seed)?)
         };
         eprintln!(

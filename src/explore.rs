@@ -87,6 +87,11 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
     if zd < 2 {
         bail!("the run's latent space is 1-D; the explorer needs a plane (vae manifold --dim 1 traverses it)");
     }
+    if cfg.arch == crate::config::Arch::Conv {
+        // The page's decoder is dense layers in JavaScript; the transposed convolutions are not
+        // written there yet.
+        bail!("{}: a conv network (model.arch = \"conv\") has no explorer page yet; its latent plane is `vae manifold --dim 2`, its codes `vae scatter`", l.dir.display());
+    }
     let test = l.test_split(limit)?;
     let px = eval::test_pixels(&l.cfg, &test);
     let codes = pictures::encode_means(l, &px)?;

@@ -2,6 +2,7 @@
 //! Variational Bayes" (2013), on candle. One module per concern; `main.rs` only parses the CLI.
 
 pub mod config;
+pub mod convnet;
 pub mod data;
 pub mod device;
 pub mod engine;

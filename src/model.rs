@@ -11,7 +11,10 @@
 //! `decoder.hidden.{i}.*`, `decoder.out.*`, `decoder.logvar` (D,) for a learned Gaussian;
 //! with flows, `encoder.flow.*` (amortized: K (2Z + 1) outputs) or `flow.{k}.{u,w,b}` (global).
 
-use crate::config::{Activation, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior, Wiring};
+use crate::config::{
+    Activation, Arch, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior, Wiring,
+};
+use crate::convnet::{activate, ConvDecoder, ConvEncoder};
 use crate::loss::{self, MIN_LOGVAR};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
@@ -62,21 +65,6 @@ impl Mlp {
     }
 }
 
-pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
-    match act {
-        Activation::Relu => x.relu(),
-        Activation::Tanh => x.tanh(),
-        // log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), finite for any x.
-        Activation::Softplus => x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?,
-        Activation::Sigmoid => candle_nn::ops::sigmoid(x),
-        Activation::Gelu => x.gelu(),
-        // The gate needs its own linear map; `Mlp` applies it.
-        Activation::Gated => Err(candle_core::Error::Msg(
-            "the gated activation is a layer of its own, not a function".into(),
-        )),
-    }
-}
-
 pub struct Vae {
     pub cfg: ModelConfig,
     pub input_dim: usize,
@@ -86,7 +74,11 @@ pub struct Vae {
     enc_logvar: Option<Linear>,
     flows: Flows,
     dec: Mlp,
-    dec_out: Linear,
+    /// The dense output layer (None for a conv network, whose last transposed convolution is
+    /// `decoder.out`).
+    dec_out: Option<Linear>,
+    /// `arch = "conv"`: the convolutions before `enc` and the transposed ones after `dec`.
+    conv: Option<(ConvEncoder, ConvDecoder)>,
     /// Gaussian decoder only: learned (D,) or fixed (1,) log-variance.
     dec_logvar: Option<Tensor>,
     /// The prior's parameters, if it has any.
@@ -224,7 +216,19 @@ impl Vae {
         } else {
             &cfg.hidden[..]
         };
-        let enc_dims: Vec<usize> = std::iter::once(input_dim)
+        // A conv network's dense layers read (and the decoder's write) the last convolution's
+        // features.
+        let feat = cfg
+            .dense_input(input_dim)
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        let conv = match cfg.arch {
+            Arch::Mlp => None,
+            Arch::Conv => Some((
+                ConvEncoder::new(cfg, vb.pp("encoder.conv"))?,
+                ConvDecoder::new(cfg, vb.clone())?,
+            )),
+        };
+        let enc_dims: Vec<usize> = std::iter::once(feat)
             .chain(widths.iter().copied())
             .collect();
         let top = if hvae {
@@ -240,6 +244,7 @@ impl Vae {
         };
         let dec_dims: Vec<usize> = std::iter::once(cfg.latent)
             .chain(dec_widths.iter().copied())
+            .chain(conv.as_ref().map(|_| feat))
             .collect();
         let enc = Mlp::new(&enc_dims, cfg.activation, vb.pp("encoder.hidden"))?;
         let enc_mu = candle_nn::linear(top, cfg.latent, vb.pp("encoder.mu"))?;
@@ -270,15 +275,18 @@ impl Vae {
         };
         let dec = Mlp::new(&dec_dims, cfg.activation, vb.pp("decoder.hidden"))?;
         // hvae: the decoder's joint network ends at the first width too (`hidden_top` mirrored).
-        let dec_out = candle_nn::linear(
-            if hvae {
-                hvae_out(&cfg.hidden)
-            } else {
-                cfg.hidden[0]
-            },
-            input_dim,
-            vb.pp("decoder.out"),
-        )?;
+        let dec_out = match conv {
+            Some(_) => None,
+            None => Some(candle_nn::linear(
+                if hvae {
+                    hvae_out(&cfg.hidden)
+                } else {
+                    cfg.hidden[0]
+                },
+                input_dim,
+                vb.pp("decoder.out"),
+            )?),
+        };
         let dec_logvar = match (cfg.decoder, cfg.learn_sigma) {
             (DecoderKind::Bernoulli, _) => None,
             (DecoderKind::Gaussian, true) => Some(vb.get(input_dim, "decoder.logvar")?),
@@ -344,6 +352,7 @@ impl Vae {
             flows,
             dec,
             dec_out,
+            conv,
             dec_logvar,
         })
     }
@@ -355,7 +364,7 @@ impl Vae {
 
     /// q(z|x) and, with amortized flows, the flow parameters (B, K (2Z + 1)).
     fn encode_full(&self, x: &Tensor) -> Result<((Tensor, Tensor), Option<Tensor>)> {
-        let h = self.enc.forward(x)?;
+        let h = self.enc_forward(x)?;
         let mu = self.enc_mu.forward(&h)?;
         let lv = match &self.enc_logvar {
             Some(l) => clip_logvar(&l.forward(&h)?, &self.cfg)?,
@@ -454,7 +463,7 @@ impl Vae {
         let (mu2, lv2) = h.q2.forward(x, &self.cfg)?;
         let q2 = (repeat_rows(&mu2, s)?, repeat_rows(&lv2, s)?);
         let z2 = Self::reparameterize(&q2.0, &q2.1, &e2)?;
-        let hx = repeat_rows(&self.enc.forward(x)?, s)?;
+        let hx = repeat_rows(&self.enc_forward(x)?, s)?;
         let q1 = self.hvae_q1(h, &hx, &z2)?;
         let z1 = Self::reparameterize(&q1.0, &q1.1, &e1)?;
         let out = self.hvae_px(h, &z1, &z2)?;
@@ -518,7 +527,22 @@ impl Vae {
     /// p(x|z1, z2)'s raw output (N, D).
     fn hvae_px(&self, h: &Hvae, z1: &Tensor, z2: &Tensor) -> Result<Tensor> {
         let j = Tensor::cat(&[&self.dec.forward(z1)?, &h.px_z2.forward(z2)?], 1)?;
-        self.dec_out.forward(&h.px_joint.forward(&j)?)
+        self.out_layer()?.forward(&h.px_joint.forward(&j)?)
+    }
+
+    /// The encoder's hidden layers on `x` (B, D): the convolutions first for a conv network.
+    fn enc_forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.conv {
+            Some((c, _)) => self.enc.forward(&c.forward(x)?),
+            None => self.enc.forward(x),
+        }
+    }
+
+    /// The dense output layer (an MLP's).
+    fn out_layer(&self) -> Result<&Linear> {
+        self.dec_out.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("a conv network has no dense output layer".into())
+        })
     }
 
     /// q at the top stochastic layer: mu, logvar (B, Z_top); with two layers, q(z2|x) (chain:
@@ -566,7 +590,7 @@ impl Vae {
             Some(Second::Chain(_)) => self.decode(&self.encode(x)?.0),
             Some(Second::Hvae(h)) => {
                 let mu2 = h.q2.forward(x, &self.cfg)?.0;
-                let mu1 = self.hvae_q1(h, &self.enc.forward(x)?, &mu2)?.0;
+                let mu1 = self.hvae_q1(h, &self.enc_forward(x)?, &mu2)?.0;
                 self.hvae_px(h, &mu1, &mu2)
             }
         }
@@ -725,7 +749,10 @@ impl Vae {
 
     /// The decoder's raw output (B, Z) -> (B, D): Bernoulli logits, or the pre-sigmoid Gaussian mean.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.dec_out.forward(&self.dec.forward(z)?)
+        match &self.conv {
+            Some((_, c)) => c.forward(&self.dec.forward(z)?),
+            None => self.out_layer()?.forward(&self.dec.forward(z)?),
+        }
     }
 
     /// Pixel means of p(x|z) from `decode`'s output: sigmoid for both decoders, so means lie in [0, 1].
@@ -823,13 +850,21 @@ pub fn data_mean_output_bias(
     pixels: &[u8],
     dim: usize,
 ) -> Result<()> {
-    let n = (pixels.len() / dim).max(1);
-    let mut sum = vec![0f64; dim];
+    // A conv decoder's output bias is per channel (C,): the mean over the channel's pixels
+    // (interleaved, pixel i in channel i mod C).
+    let width = match params.get("decoder.out.bias") {
+        Some(t) => t.dim(0)?,
+        None => dim,
+    };
+    let per = if width < dim { dim / width } else { 1 };
+    let n = (pixels.len() / dim).max(1) * per;
+    let mut sum = vec![0f64; width];
     for row in pixels.chunks_exact(dim) {
-        for (s, &p) in sum.iter_mut().zip(row) {
-            *s += crate::data::pixel(p) as f64;
+        for (i, &p) in row.iter().enumerate() {
+            sum[i % width] += crate::data::pixel(p) as f64;
         }
     }
+    let dim = width;
     let bias: Vec<f32> = sum
         .iter()
         .map(|s| {
@@ -860,7 +895,10 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
     };
     let gated = cfg.activation == Activation::Gated;
     let hvae = !cfg.upper.is_empty() && cfg.wiring == Wiring::Hvae;
-    let mut prev = input_dim;
+    let conv = cfg.arch == Arch::Conv;
+    // A conv network's dense layers start (and the decoder's end) at its features.
+    let feat = cfg.dense_input(input_dim).unwrap_or(input_dim);
+    let mut prev = feat;
     for (i, &h) in cfg.hidden.iter().enumerate() {
         // hvae: layer 0 is the branch on x, the later ones the joint network on [x; z2] (2b).
         if hvae && i == 1 {
@@ -901,7 +939,15 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
     if hvae {
         prev = hvae_out(&cfg.hidden);
     }
-    lin("decoder.out".into(), prev, input_dim);
+    if conv {
+        let i = cfg.hidden.len();
+        lin(format!("decoder.hidden.{i}"), prev, feat);
+        if gated {
+            lin(format!("decoder.hidden.{i}.gate"), prev, feat);
+        }
+    } else {
+        lin("decoder.out".into(), prev, input_dim);
+    }
     // The second stochastic layer: q(z2|z1) (chain) or q(z2|x) (hvae) up, p(z1|z2) down; hvae's
     // branches on z2 into q(z1|x, z2) and p(x|z1, z2).
     if let Some(u) = cfg.upper.first() {
@@ -933,6 +979,9 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
         }
         lin("decoder2.mu".into(), prev, cfg.latent);
         lin("decoder2.logvar".into(), prev, cfg.latent);
+    }
+    if conv {
+        v.extend(crate::convnet::param_specs(cfg));
     }
     if cfg.decoder == DecoderKind::Gaussian && cfg.learn_sigma {
         v.push(("decoder.logvar".into(), vec![input_dim], 0));

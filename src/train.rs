@@ -6,7 +6,7 @@
 //! Every random draw (init, shuffles, eps, binarization) comes from one `StdRng` seeded with
 //! `seed`, in a fixed order, so a seed and a device give one sequence of numbers.
 
-use crate::config::{Binarize, Config, OutputBias};
+use crate::config::{Arch, Binarize, Config, OutputBias};
 use crate::data;
 use crate::device;
 use crate::engine::{skip_draws, Engine, Sums};
@@ -229,6 +229,8 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
         run::MODEL_FILE
     });
     let params = run::load_tensors(&model_path, &Device::Cpu)?;
+    let mut cfg = cfg;
+    cfg.model.image = Some([state.channels, state.rows, state.cols]);
     model::check_params(
         &params,
         &cfg.model,
@@ -272,7 +274,9 @@ fn run_training(cfg: &Config, opts: &Options, start: Start) -> Result<PathBuf> {
     // Row 0 is the untrained model: measured only on a fresh start. A run resumed inside epoch 1
     // already has it in metrics.csv, and its weights are no longer the untrained ones.
     let fresh = start.resumed.is_none();
-    let mut s = Session::open(cfg, opts, start)?;
+    // The session's copy gains the data's image shape (`Session::open`).
+    let mut shaped = cfg.clone();
+    let mut s = Session::open(&mut shaped, opts, start)?;
     if fresh {
         let (m0, _) = s.model()?;
         let row0 = EpochRow {
@@ -330,10 +334,20 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     /// Loads the data, builds the engine (fresh or from the checkpoint), creates or reopens the
     /// run directory and prints the header.
-    fn open(cfg: &'a Config, opts: &Options, start: Start) -> Result<Self> {
+    fn open(cfg: &'a mut Config, opts: &Options, start: Start) -> Result<Self> {
         let dev = device::open(&cfg.device).context("key `device` / --device")?;
         let mut ds = data::load(&cfg.data, cfg.data.limit, cfg.data.test_limit)?;
         let dim = ds.train.dim();
+        // A conv network is built for the data's image shape; a size its strides do not divide
+        // stops here, naming the layer.
+        let image = [ds.train.channels, ds.train.rows, ds.train.cols];
+        cfg.model.image = Some(image);
+        if cfg.model.arch == Arch::Conv {
+            cfg.model
+                .conv_layers(image)
+                .with_context(|| format!("data {}", ds.dir.display()))?;
+        }
+        let cfg: &'a Config = cfg;
         check_memory(cfg, dim)?;
         let x_valid = if cfg.data.valid > 0 {
             if cfg.data.valid >= ds.train.n {

@@ -217,3 +217,49 @@ fn bad_data_gets_one_line_naming_the_file() {
     std::fs::write(&p, npy("|u1", &[1 << 40, 28, 28], &[])).unwrap();
     fails(t.path(), &args(&a), "memory available");
 }
+
+/// A conv network on the colour squares (12 x 10 RGB, through a stride-2 and a stride-1
+/// convolution): the fused step trains it, autograd on the same draws reaches the same test
+/// -ELBO, and the pictures are in colour.
+#[test]
+fn a_conv_network_on_colour_pngs_trains_on_the_fused_step() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("squares");
+    folder(&data, 20);
+    let conv = [
+        "--set",
+        "model.latent=4",
+        "--set",
+        "data.test_fraction=0.2",
+        "--set",
+        "model.arch=\"conv\"",
+        "--set",
+        "model.conv=[[6, 4, 2], [8, 3, 1]]",
+    ];
+    let out = train(t.path(), data.to_str().unwrap(), &conv);
+    assert!(out.contains("engine fused CPU step"), "{out}");
+    let a = t.path().join("other");
+    std::fs::create_dir_all(&a).unwrap();
+    let mut args = conv.to_vec();
+    args.extend(["--set", "train.engine=autograd"]);
+    train(&a, data.to_str().unwrap(), &args);
+    let last = |r: &Path| -> f64 {
+        let m = std::fs::read_to_string(r.join("metrics.csv")).unwrap();
+        m.lines()
+            .last()
+            .unwrap()
+            .split(',')
+            .nth(5)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (f, g) = (
+        last(&t.path().join("runs/tiny")),
+        last(&a.join("runs/tiny")),
+    );
+    assert!((f - g).abs() < 0.05, "test -ELBO fused {f}, autograd {g}");
+    for args in [&["sample", "-n", "4"][..], &["reconstruct", "-n", "4"]] {
+        assert!(is_rgb(&ok_bytes(t.path(), args)), "{args:?} is not RGB");
+    }
+}

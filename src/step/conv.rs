@@ -55,32 +55,77 @@ impl Geom {
     pub fn positions(&self) -> usize {
         self.ho * self.wo
     }
+}
 
-    /// The input pixel under kernel tap (ky, kx) at output position (oy, ox), if inside.
-    #[inline(always)]
-    fn at(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
-        let y = (oy * self.s + ky).checked_sub(self.p)?;
-        let x = (ox * self.s + kx).checked_sub(self.p)?;
-        (y < self.h && x < self.w).then_some((y, x))
+/// Runs `f(out_part, first_image, images)` over `b` images' slices of `out` (`per` values each):
+/// on two halves side by side when `par`, so that the layout passes around the products use
+/// both workers as the products do.
+fn per_images<F>(out: &mut [f32], per: usize, b: usize, par: bool, f: F)
+where
+    F: Fn(&mut [f32], usize, usize) + Sync,
+{
+    if par && b >= 2 {
+        let h = b / 2;
+        let (lo, hi) = out[..b * per].split_at_mut(h * per);
+        rayon::join(|| f(lo, 0, h), || f(hi, h, b - h));
+    } else {
+        f(&mut out[..b * per], 0, b);
     }
+}
+
+/// The kernel columns kx whose input column x = x0 + kx lies inside a row of `w`: [lo, hi).
+#[inline(always)]
+fn inside(x0: isize, k: usize, w: usize) -> (usize, usize) {
+    let lo = (-x0).clamp(0, k as isize) as usize;
+    let hi = (w as isize - x0).clamp(lo as isize, k as isize) as usize;
+    (lo, hi)
 }
 
 /// Patches of `b` images `x` (b, c, h, w) as rows `r` (b ho wo, c k k): row (img, oy, ox),
 /// column (ci, ky, kx); zeros where the kernel hangs over the padding.
-pub fn im2row(r: &mut [f32], x: &[f32], g: Geom, b: usize) {
+pub fn im2row(r: &mut [f32], x: &[f32], g: Geom, b: usize, par: bool) {
+    let per = g.positions() * g.patch();
+    per_images(r, per, b, par, |r, i0, n| match g.k {
+        3 => im2row_part::<3>(r, x, g, i0, n),
+        4 => im2row_part::<4>(r, x, g, i0, n),
+        5 => im2row_part::<5>(r, x, g, i0, n),
+        _ => im2row_part::<0>(r, x, g, i0, n),
+    });
+}
+
+/// `im2row` on images i0.. i0 + n into `r` (theirs only). `K` is the kernel's side when it is
+/// one of the common ones (0: read it from `g`), so that each kernel row's copy is a few moves
+/// rather than a call.
+fn im2row_part<const K: usize>(r: &mut [f32], x: &[f32], g: Geom, i0: usize, n: usize) {
+    let k = if K > 0 { K } else { g.k };
     let (pr, hw) = (g.patch(), g.h * g.w);
-    for img in 0..b {
-        let xi = &x[img * g.c * hw..(img + 1) * g.c * hw];
+    for img in 0..n {
+        let xi = &x[(i0 + img) * g.c * hw..][..g.c * hw];
         for oy in 0..g.ho {
             for ox in 0..g.wo {
                 let row = &mut r[((img * g.ho + oy) * g.wo + ox) * pr..][..pr];
+                let x0 = (ox * g.s) as isize - g.p as isize;
+                let (lo, hi) = inside(x0, k, g.w);
                 for ci in 0..g.c {
-                    for ky in 0..g.k {
-                        for kx in 0..g.k {
-                            row[(ci * g.k + ky) * g.k + kx] = match g.at(oy, ox, ky, kx) {
-                                Some((y, xx)) => xi[ci * hw + y * g.w + xx],
-                                None => 0.0,
-                            };
+                    for ky in 0..k {
+                        let dst = &mut row[(ci * k + ky) * k..][..k];
+                        let y = (oy * g.s + ky) as isize - g.p as isize;
+                        if y < 0 || y >= g.h as isize || lo == hi {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = (ci * hw + y as usize * g.w) as isize + x0;
+                        if lo == 0 && hi == k {
+                            let s = src as usize;
+                            dst.copy_from_slice(&xi[s..s + k]);
+                        } else {
+                            for (t, d) in dst.iter_mut().enumerate() {
+                                *d = if t >= lo && t < hi {
+                                    xi[(src + t as isize) as usize]
+                                } else {
+                                    0.0
+                                };
+                            }
                         }
                     }
                 }
@@ -91,19 +136,46 @@ pub fn im2row(r: &mut [f32], x: &[f32], g: Geom, b: usize) {
 
 /// The adjoint of `im2row`: each patch row of `r` added back into the image `x` (b, c, h, w),
 /// which it overwrites first.
-pub fn row2im(x: &mut [f32], r: &[f32], g: Geom, b: usize) {
+pub fn row2im(x: &mut [f32], r: &[f32], g: Geom, b: usize, par: bool) {
+    per_images(x, g.c * g.h * g.w, b, par, |x, i0, n| match g.k {
+        3 => row2im_part::<3>(x, r, g, i0, n),
+        4 => row2im_part::<4>(x, r, g, i0, n),
+        5 => row2im_part::<5>(x, r, g, i0, n),
+        _ => row2im_part::<0>(x, r, g, i0, n),
+    });
+}
+
+/// `row2im` for images i0.. i0 + n into `x` (theirs only); `K` as for `im2row_part`.
+fn row2im_part<const K: usize>(x: &mut [f32], r: &[f32], g: Geom, i0: usize, n: usize) {
+    let k = if K > 0 { K } else { g.k };
     let (pr, hw) = (g.patch(), g.h * g.w);
-    x[..b * g.c * hw].fill(0.0);
-    for img in 0..b {
-        let xi = &mut x[img * g.c * hw..(img + 1) * g.c * hw];
+    x.fill(0.0);
+    for img in 0..n {
+        let xi = &mut x[img * g.c * hw..][..g.c * hw];
         for oy in 0..g.ho {
             for ox in 0..g.wo {
-                let row = &r[((img * g.ho + oy) * g.wo + ox) * pr..][..pr];
+                let row = &r[(((i0 + img) * g.ho + oy) * g.wo + ox) * pr..][..pr];
+                let x0 = (ox * g.s) as isize - g.p as isize;
+                let (lo, hi) = inside(x0, k, g.w);
+                if lo == hi {
+                    continue;
+                }
                 for ci in 0..g.c {
-                    for ky in 0..g.k {
-                        for kx in 0..g.k {
-                            if let Some((y, xx)) = g.at(oy, ox, ky, kx) {
-                                xi[ci * hw + y * g.w + xx] += row[(ci * g.k + ky) * g.k + kx];
+                    for ky in 0..k {
+                        let y = (oy * g.s + ky) as isize - g.p as isize;
+                        if y < 0 || y >= g.h as isize {
+                            continue;
+                        }
+                        let src = &row[(ci * k + ky) * k..][..k];
+                        let at = (ci * hw + y as usize * g.w) as isize + x0;
+                        if lo == 0 && hi == k {
+                            let a = at as usize;
+                            for (d, v) in xi[a..a + k].iter_mut().zip(src) {
+                                *d += v;
+                            }
+                        } else {
+                            for (t, v) in src.iter().enumerate().take(hi).skip(lo) {
+                                xi[(at + t as isize) as usize] += v;
                             }
                         }
                     }
@@ -114,15 +186,26 @@ pub fn row2im(x: &mut [f32], r: &[f32], g: Geom, b: usize) {
 }
 
 /// (b, n, c) -> (b, c, n) per image: position-major rows to NCHW, or back with n and c swapped.
-pub fn transpose(out: &mut [f32], v: &[f32], b: usize, n: usize, c: usize) {
-    for img in 0..b {
-        let (src, dst) = (&v[img * n * c..][..n * c], &mut out[img * n * c..][..n * c]);
-        for i in 0..n {
-            for j in 0..c {
-                dst[j * n + i] = src[i * c + j];
+pub fn transpose(out: &mut [f32], v: &[f32], b: usize, n: usize, c: usize, par: bool) {
+    per_images(out, n * c, b, par, |out, i0, m| {
+        for img in 0..m {
+            let (src, dst) = (
+                &v[(i0 + img) * n * c..][..n * c],
+                &mut out[img * n * c..][..n * c],
+            );
+            // In tiles, so that both sides' reads and writes stay within a few cache lines.
+            const T: usize = 16;
+            for i0 in (0..n).step_by(T) {
+                for j0 in (0..c).step_by(T) {
+                    for i in i0..(i0 + T).min(n) {
+                        for j in j0..(j0 + T).min(c) {
+                            dst[j * n + i] = src[i * c + j];
+                        }
+                    }
+                }
             }
         }
-    }
+    });
 }
 
 /// Scratch for one layer: patch rows, and position-major outputs or gradients.
@@ -160,7 +243,7 @@ pub fn conv_forward(
     par: bool,
 ) {
     let (n, pr) = (g.positions(), g.patch());
-    im2row(&mut cw.rows, x, g, b);
+    im2row(&mut cw.rows, x, g, b, par);
     // (b n, c_out) = R (b n, c k k) W^T.
     matmul(
         &mut cw.pm,
@@ -176,7 +259,7 @@ pub fn conv_forward(
             *v += bb;
         }
     }
-    transpose(y, &cw.pm, b, n, c_out);
+    transpose(y, &cw.pm, b, n, c_out, par);
 }
 
 /// Convolution backward from dy (b, c_out, ho, wo), after `conv_forward` on the same `cw`: dW
@@ -195,7 +278,7 @@ pub fn conv_backward(
     par: bool,
 ) {
     let (n, pr) = (g.positions(), g.patch());
-    transpose(&mut cw.pm, dy, b, c_out, n);
+    transpose(&mut cw.pm, dy, b, c_out, n, par);
     let dym = &cw.pm[..b * n * c_out];
     matmul(gw, dym, &cw.rows, (c_out, pr, b * n), true, false, par);
     gb[..c_out].fill(0.0);
@@ -214,7 +297,7 @@ pub fn conv_backward(
             false,
             par,
         );
-        row2im(dx, &cw.d_rows, g, b);
+        row2im(dx, &cw.d_rows, g, b, par);
     }
 }
 
@@ -234,7 +317,7 @@ pub fn convt_forward(
     par: bool,
 ) {
     let (n, pr, hw) = (g.positions(), g.patch(), g.h * g.w);
-    transpose(&mut cw.pm, x, b, c_in, n);
+    transpose(&mut cw.pm, x, b, c_in, n, par);
     // R (b n, c_out k k) = X (b n, c_in) W.
     matmul(
         &mut cw.rows,
@@ -245,7 +328,7 @@ pub fn convt_forward(
         false,
         par,
     );
-    row2im(y, &cw.rows, g, b);
+    row2im(y, &cw.rows, g, b, par);
     for img in 0..b {
         for (c, bb) in bias.iter().enumerate().take(g.c) {
             for v in &mut y[(img * g.c + c) * hw..][..hw] {
@@ -272,7 +355,7 @@ pub fn convt_backward(
     par: bool,
 ) {
     let (n, pr, hw) = (g.positions(), g.patch(), g.h * g.w);
-    im2row(&mut cw.d_rows, dy, g, b);
+    im2row(&mut cw.d_rows, dy, g, b, par);
     let dr = &cw.d_rows[..b * n * pr];
     matmul(gw, &cw.pm, dr, (c_in, pr, b * n), true, false, par);
     gb[..g.c].fill(0.0);
@@ -284,7 +367,7 @@ pub fn convt_backward(
     if let Some(dx) = dx {
         // dX (b n, c_in) = dR W^T, back to NCHW through the rows buffer.
         matmul(&mut cw.rows, dr, wt, (b * n, c_in, pr), false, true, par);
-        transpose(dx, &cw.rows, b, n, c_in);
+        transpose(dx, &cw.rows, b, n, c_in, par);
     }
 }
 

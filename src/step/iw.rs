@@ -40,6 +40,7 @@ pub fn neg_log_likelihood(
     if k == 0 || !x.len().is_multiple_of(dim) {
         bail!("--iw {k}: need K >= 1 and whole images");
     }
+    super::check_supported(cfg)?;
     let net = Net::new(cfg, dim);
     let mut th = vec![0f32; net.size()];
     net.import(params, &mut th)?;
@@ -62,7 +63,6 @@ pub fn neg_log_likelihood(
             w.x[..b * dim].copy_from_slice(&x[i0 * dim..(i0 + b) * dim]);
             // Running (max, sum of e^(lw - max)) per image.
             let mut acc = vec![(f64::NEG_INFINITY, 0f64); b];
-            let ob = &th[net.out.b..net.out.end()];
             if cfg.decoder == DecoderKind::Gaussian {
                 let learned = net.dec_lv.map(|o| &th[o..o + dim]);
                 let fixed = (2.0 * cfg.sigma.ln()) as f32;
@@ -81,6 +81,7 @@ pub fn neg_log_likelihood(
                 }
                 net.forward(&th, w, b, sp);
                 let rows = b * sp;
+                let ob = net.out_bias(&th, &w.cv);
                 let out = &mut w.out[..rows * dim];
                 match cfg.decoder {
                     DecoderKind::Bernoulli => likelihood::bernoulli_forward::<false>(

@@ -9,7 +9,9 @@
 //! - `upper`: the chain wiring's second stochastic layer, q(z2|z1) and p(z1|z2) with their MLPs
 //!   (Burda et al. 2015);
 //! - `hvae`: the hvae wiring's two layers (Tomczak & Welling 2018), its concatenated branches;
-//! - `conv`: convolution and transposed convolution (not yet wired: issue 32);
+//! - `conv`: convolution and transposed convolution;
+//! - `convnet`: a conv network's convolutions before the encoder's dense layers and transposed
+//!   convolutions after the decoder's (`model.arch = "conv"`);
 //! - `planar`: a planar flow step (Rezende & Mohamed 2015);
 //! - `likelihood`: Bernoulli and Gaussian p(x|z);
 //! - `objective`: ELBO / Monte-Carlo mean, the IWAE bound (Burda et al. 2015), free bits;
@@ -33,6 +35,7 @@
 pub mod adam;
 pub mod conditional;
 pub mod conv;
+pub mod convnet;
 pub mod hvae;
 pub mod iw;
 pub mod latent;
@@ -76,7 +79,11 @@ pub struct Net {
     /// The hvae wiring's layers beyond `enc` (its h(x)), `head`, `dec` (its h'(z1)) and `out`.
     hvae: Option<hvae::Hvae>,
     dec: Vec<Lin>,
+    /// The output layer. A conv network's is its last transposed convolution (`conv`), and
+    /// this marks only where its parameters start (`w`, `b`; no dense weights).
     out: Lin,
+    /// `arch = "conv"`: the convolutions around the dense layers.
+    conv: Option<convnet::ConvNet>,
     /// Learned decoder log-variance (D) offset, if any.
     dec_lv: Option<usize>,
     size: usize,
@@ -97,8 +104,11 @@ impl Net {
         let is_hvae = !cfg.upper.is_empty() && cfg.wiring == Wiring::Hvae;
         let tops = hvae::tops(&cfg.hidden);
         let n_enc = if is_hvae { 1 } else { cfg.hidden.len() };
+        // A conv network: its convolutions first; the dense layers read their features.
+        let mut conv = (cfg.arch == crate::config::Arch::Conv)
+            .then(|| convnet::ConvNet::alloc_enc(&mut size, cfg));
         let mut enc = Vec::new();
-        let mut prev = dim;
+        let mut prev = conv.as_ref().map_or(dim, |c| c.feat);
         for &h in &cfg.hidden[..n_enc] {
             enc.push(Lin::alloc(&mut size, prev, wide * h));
             prev = h;
@@ -151,7 +161,20 @@ impl Net {
         if is_hvae {
             prev = tops.1;
         }
-        let out = Lin::alloc(&mut size, prev, dim);
+        let out = match conv.as_mut() {
+            Some(c) => {
+                dec.push(Lin::alloc(&mut size, prev, wide * c.feat));
+                c.alloc_dec(&mut size);
+                let o = c.out_layer();
+                Lin {
+                    w: o.w,
+                    b: o.b,
+                    n_in: 0,
+                    n_out: 0,
+                }
+            }
+            None => Lin::alloc(&mut size, prev, dim),
+        };
         let dec_lv = if cfg.decoder == DecoderKind::Gaussian && cfg.learn_sigma {
             size += dim;
             Some(size - dim)
@@ -170,6 +193,7 @@ impl Net {
             hvae,
             dec,
             out,
+            conv,
             dec_lv,
             size,
         }
@@ -365,7 +389,14 @@ impl Net {
         if let (Some(u), Some(uw)) = (&self.upper, w.up.as_mut()) {
             u.split_noise(&w.eps, uw, rows);
         }
-        linear::mlp_forward(&self.enc, &w.x, &mut w.enc_a, &mut w.enc_h, th, b, act, par);
+        let xin: &[f32] = match (&self.conv, w.cv.as_mut()) {
+            (Some(c), Some(cw)) => {
+                c.enc_forward(th, &w.x, cw, b, par);
+                c.features(cw, b)
+            }
+            _ => &w.x,
+        };
+        linear::mlp_forward(&self.enc, xin, &mut w.enc_a, &mut w.enc_h, th, b, act, par);
         let top = &w.enc_h[self.enc.len() - 1];
         linear::linear_forward(&mut w.hd, top, th, self.head, b, par);
         let hb = &th[self.head.b..self.head.end()];
@@ -431,8 +462,20 @@ impl Net {
             par,
         );
         let last = &w.dec_h[self.dec.len() - 1];
-        linear::linear_forward(&mut w.out, last, th, self.out, rows, par);
+        match (&self.conv, w.cv.as_mut()) {
+            (Some(c), Some(cw)) => c.dec_forward(th, last, &mut w.out, cw, rows, par),
+            _ => linear::linear_forward(&mut w.out, last, th, self.out, rows, par),
+        }
         kl
+    }
+
+    /// The output layer's bias per pixel (D), which the likelihood pass adds: the dense output
+    /// layer's, or a conv network's per-channel bias spread over the pixels by the forward.
+    fn out_bias<'a>(&self, th: &'a [f32], cv: &'a Option<convnet::ConvNetWork>) -> &'a [f32] {
+        match cv {
+            Some(cw) => &cw.ob[..self.dim],
+            None => &th[self.out.b..self.out.end()],
+        }
     }
 
     /// The prior at the top layer's samples `zk` (rows, Z): adds -log p(z) to `lq` (rows; the
@@ -535,7 +578,10 @@ impl Net {
                 lin(format!("decoder.hidden.{i}.gate"), *l, w, w);
             }
         }
-        lin("decoder.out".into(), self.out, 0, self.dim);
+        // (A conv network's output layer is among its convolutions, added at the end.)
+        if self.conv.is_none() {
+            lin("decoder.out".into(), self.out, 0, self.dim);
+        }
         if let Some(h) = &self.hvae {
             for (net, layers, first) in h.named() {
                 for (i, l) in layers.iter().enumerate() {
@@ -613,6 +659,9 @@ impl Net {
                 ));
             }
         }
+        if let Some(c) = &self.conv {
+            v.extend(c.tensors());
+        }
         v
     }
 
@@ -666,7 +715,9 @@ impl Net {
                 lin(self.head, 2 * z, self.hc() - 2 * z);
             }
         }
-        lin(self.out, 0, self.dim);
+        if self.conv.is_none() {
+            lin(self.out, 0, self.dim);
+        }
         let one = |start: usize, width: usize| adam::Block {
             start,
             rows: 1,
@@ -688,6 +739,9 @@ impl Net {
                 let o = off + k * (2 * z + 1);
                 v.extend([one(o, z), one(o + z, z), one(o + 2 * z, 1)]);
             }
+        }
+        if let Some(c) = &self.conv {
+            v.extend(c.blocks());
         }
         v.sort_by_key(|b| b.start);
         v
@@ -726,7 +780,7 @@ impl Net {
 }
 
 /// A checkpoint tensor's name, shape, and where its k-th element (row-major) lives in a buffer.
-type Placed = (String, Vec<usize>, Box<dyn Fn(usize) -> usize>);
+pub(crate) type Placed = (String, Vec<usize>, Box<dyn Fn(usize) -> usize>);
 
 /// The VampPrior's share of the encoder's and head's gradient (computed at the pseudo-inputs)
 /// added to the data's in `g[lo..hi]`, before that range's Adam step.
@@ -855,6 +909,8 @@ pub struct Work {
     /// The second stochastic layer's buffers: the chain wiring's, or the hvae wiring's.
     up: Option<upper::UpperWork>,
     hv: Option<hvae::HvaeWork>,
+    /// A conv network's buffers.
+    cv: Option<convnet::ConvNetWork>,
 }
 
 /// A mixture prior's buffers: inverse variances (K, Z), log-variance sums (K), responsibilities
@@ -898,6 +954,9 @@ impl Work {
         // The hvae wiring's output layer reads a concatenation twice as wide.
         let cat = if net.hvae.is_some() { 2 } else { 1 };
         let widest = cat * wide * cfg.hidden.iter().copied().max().unwrap_or(0);
+        // A conv network's dense side also writes its features (and reads their gradient).
+        let feat = net.conv.as_ref().map(|c| c.feat);
+        let widest = widest.max(wide * feat.unwrap_or(0));
         let flow_n = if net.global_flows.is_some() { 1 } else { cap };
         let vecs = |n: usize, it: &mut dyn Iterator<Item = usize>| -> Vec<Vec<f32>> {
             it.map(|h| vec![0.0; n * h]).collect()
@@ -918,8 +977,11 @@ impl Work {
             kl_img: vec![0.0; cap],
             kl_dim: vec![0.0; z],
             ckl: vec![0.0; z],
-            dec_a: vecs(rows, &mut cfg.hidden.iter().rev().map(|h| wide * h)),
-            dec_h: vecs(rows, &mut cfg.hidden.iter().rev().copied()),
+            dec_a: vecs(
+                rows,
+                &mut cfg.hidden.iter().rev().chain(&feat).map(|h| wide * h),
+            ),
+            dec_h: vecs(rows, &mut cfg.hidden.iter().rev().chain(&feat).copied()),
             out: vec![0.0; rows * dim],
             d_out: vec![0.0; rows * dim],
             nll: vec![0.0; rows],
@@ -991,8 +1053,32 @@ impl Work {
                 .hvae
                 .as_ref()
                 .map(|h| hvae::HvaeWork::new(h, cfg.activation, cap, s)),
+            cv: net
+                .conv
+                .as_ref()
+                .map(|c| convnet::ConvNetWork::new(c, cap, rows)),
         }
     }
+}
+
+/// What the fused step does not build (so `engine = "auto"` takes candle's autograd for it),
+/// as the key and why; None for every other model.
+pub fn unsupported(m: &ModelConfig) -> Option<String> {
+    (m.arch == crate::config::Arch::Conv && m.prior == Prior::Vamp).then(|| {
+        "key `model.prior`: the fused step has no VampPrior for a conv network yet (its pseudo-inputs would run through the convolutions); use train.engine = \"autograd\" or another prior".to_string()
+    })
+}
+
+/// Errors unless the fused step builds this model (`unsupported`), and for a conv network
+/// unless its layers fit the image.
+fn check_supported(m: &ModelConfig) -> Result<()> {
+    if let Some(why) = unsupported(m) {
+        bail!("{why}");
+    }
+    if m.arch == crate::config::Arch::Conv {
+        m.conv_layers(m.image_shape()?)?;
+    }
+    Ok(())
 }
 
 /// The fused trainer: parameters, gradients, Adam moments and work buffers.
@@ -1037,6 +1123,7 @@ impl Fused {
             Kind::Elbo
         };
         let s = t.mc_samples.max(t.iw_samples);
+        check_supported(m)?;
         let net = Net::new(m, dim);
         let size = net.size();
         let work = Work::new(&net, cap, s, true);
@@ -1108,7 +1195,7 @@ impl Fused {
         let (net, w, th) = (&self.net, &mut self.work, &self.theta);
         let (s, dim) = (w.s, net.dim);
         let iwae = self.kind == Kind::Iwae;
-        let ob = &th[net.out.b..net.out.end()];
+        let ob = net.out_bias(th, &w.cv);
         let gaussian = net.cfg.decoder == DecoderKind::Gaussian;
         if gaussian {
             let learned = net.dec_lv.map(|o| &th[o..o + dim]);
@@ -1243,10 +1330,15 @@ impl Fused {
         // leave the decoder's backward; when enough do, its rows are gathered to those kept.
         let mut brows = rows;
         // (Not with the hvae wiring, whose decoder's rows are two branches and a joint network.)
-        let compact = kind == Kind::Iwae && !self.iw_all_rows && net.hvae.is_none() && {
-            objective::iwae_keep(&mut w.cq[..rows], s, &mut w.keep);
-            w.keep.len() * 8 < rows * 7
-        };
+        // (Nor with a conv network, whose decoder's caches are per layer.)
+        let compact = kind == Kind::Iwae
+            && !self.iw_all_rows
+            && net.hvae.is_none()
+            && net.conv.is_none()
+            && {
+                objective::iwae_keep(&mut w.cq[..rows], s, &mut w.keep);
+                w.keep.len() * 8 < rows * 7
+            };
         if compact {
             brows = w.keep.len();
             math::gather_rows(&mut w.d_out, &w.keep, net.dim);
@@ -1266,7 +1358,10 @@ impl Fused {
             (Some(h), Some(hw)) => h.p_top(hw),
             _ => &w.dec_h[net.dec.len() - 1],
         };
-        linear::linear_backward(g, Some(&mut w.d1), top, &w.d_out, th, lo, brows, true);
+        match (&net.conv, w.cv.as_mut()) {
+            (Some(c), Some(cw)) => c.out_backward(g, th, &w.d_out, cw, brows, true),
+            _ => linear::linear_backward(g, Some(&mut w.d1), top, &w.d_out, th, lo, brows, true),
+        }
         // The output layer's Adam step (and the learned decoder log-variance's, stored after it)
         // on one worker, while the other goes on down the decoder, flows and heads.
         let (th_lo, th_hi) = th.split_at_mut(lo.w);
@@ -1289,6 +1384,10 @@ impl Fused {
                 if let Some(h) = &net.hvae {
                     h.backward(net, th, st, &adam, w, b, s);
                     return;
+                }
+                // A conv network's transposed convolutions, down to d(features) in d1.
+                if let (Some(c), Some(cw)) = (&net.conv, w.cv.as_mut()) {
+                    c.dec_backward(th, st, &adam, cw, &mut w.d1, brows, true);
                 }
                 // Decoder layers, last to first; d1 holds d(loss)/d(output of the layer).
                 let z_in: &[f32] = if compact { &w.zc } else { &w.zs[flows] };
@@ -1385,9 +1484,18 @@ impl Fused {
         let pseudo = if use_cq { &w.pr.pw } else { &None };
         let (acts, ds) = ((&w.enc_a[..], &w.enc_h[..]), (&mut w.d1, &mut w.d2));
         let shape = (b, act, true);
+        let xin: &[f32] = match (&net.conv, &w.cv) {
+            (Some(c), Some(cw)) => c.features(cw, b),
+            _ => &w.x,
+        };
+        let conv = net.conv.is_some();
         mlp_backward(
-            &net.enc, &w.x, acts, ds, th, &mut st, &adam, shape, false, pseudo,
+            &net.enc, xin, acts, ds, th, &mut st, &adam, shape, conv, pseudo,
         );
+        // A conv network: on through its convolutions from d(features) in d1.
+        if let (Some(c), Some(cw)) = (&net.conv, w.cv.as_mut()) {
+            c.enc_backward(th, &mut st, &adam, cw, &w.d1, b, true);
+        }
         self.theta = theta;
         (recon, kl)
     }

@@ -78,7 +78,9 @@ fn candle_side(
 fn check_with(model: ModelConfig, mc: usize, iw: usize, kl_weight: f64, median_free_bits: bool) {
     let cfg = config(model.clone(), mc, iw);
     let s = mc.max(iw);
-    let (dim, b) = (12, 5);
+    // A conv network reads its image; an MLP 12 values.
+    let dim = model.image.map_or(12, |[c, h, w]| c * h * w);
+    let b = 5;
     let (params, x, eps) = fixture(&model, dim, b, s, 3);
     let adam = AdamConfig {
         normalize_grad: false,
@@ -166,6 +168,55 @@ fn check_with(model: ModelConfig, mc: usize, iw: usize, kl_weight: f64, median_f
 
 fn check(model: ModelConfig) {
     check_with(model, 1, 1, 1.0, false)
+}
+
+/// A conv network on `image` [c, h, w] with `layers` [out channels, kernel, stride].
+fn convnet(
+    image: [usize; 3],
+    layers: Vec<[usize; 3]>,
+    hidden: Vec<usize>,
+    latent: usize,
+) -> ModelConfig {
+    ModelConfig {
+        arch: crate::config::Arch::Conv,
+        conv: layers,
+        image: Some(image),
+        ..small(hidden, latent)
+    }
+}
+
+#[test]
+fn conv_network_every_activation_objective_and_prior() {
+    // 8x8 grey through kernel 4 stride 2 (padding 1) then kernel 3 stride 2 (padding 1, output
+    // padding 1): 8 -> 4 -> 2; a non-square colour image through stride 1 then 2.
+    let grey = || convnet([1, 8, 8], vec![[3, 4, 2], [4, 3, 2]], vec![6], 3);
+    let colour = || convnet([3, 4, 6], vec![[2, 3, 1], [3, 2, 2]], vec![5], 2);
+    for act in [Activation::Relu, Activation::Tanh, Activation::Gated] {
+        check(ModelConfig {
+            activation: act,
+            ..grey()
+        });
+        check(ModelConfig {
+            activation: act,
+            ..colour()
+        });
+    }
+    check_with(grey(), 3, 1, 0.5, false);
+    check_with(colour(), 1, 3, 1.0, false);
+    check(ModelConfig {
+        prior: Prior::Mog,
+        prior_components: 3,
+        flows: 2,
+        ..grey()
+    });
+    check(ModelConfig {
+        decoder: DecoderKind::Gaussian,
+        learn_sigma: true,
+        logvar_min: Some(-2.0),
+        logvar_max: Some(1.0),
+        ..colour()
+    });
+    check_with(grey(), 1, 1, 1.0, true);
 }
 
 fn small(hidden: Vec<usize>, latent: usize) -> ModelConfig {

@@ -1,0 +1,582 @@
+//! A conv network's convolutions on the fused step (`model.arch = "conv"`, the networks of
+//! `crate::convnet`): the encoder's convolutions before its dense layers and the decoder's
+//! transposed convolutions after them, each layer with its activation, as forward / backward
+//! pairs over `conv`'s layers. The dense layers, heads, latent, flows, prior and objective are
+//! the MLP's, unchanged: the encoder's first dense layer reads the features (B, c_L h_L w_L) and
+//! the decoder's last dense layer writes them.
+//!
+//! The data's pixels are (H, W, C) interleaved; the layers run NCHW (candle's and PyTorch's
+//! layout, so the flattened features are the candle model's), so a colour image is transposed
+//! on the way in and the output on the way out (a grey one reads the same either way).
+//!
+//! The output layer (the last transposed convolution) leaves its bias to the likelihood pass, as
+//! the MLP's output layer does: its per-channel bias is spread over the pixels (`out_bias`).
+
+use super::adam::{adam_range, AdamStep, Block, Moments};
+use super::conv::{self, ConvWork, Geom};
+use super::linear;
+use crate::config::{Activation, ModelConfig};
+
+/// One convolution (encoder) or transposed convolution (decoder, `t`) in `theta`, W (c, g.c k k)
+/// row-major then its bias. `g` is the image side's geometry: the input's for a convolution, the
+/// output's for a transposed one. `c` is the grid side's channels: a convolution's outputs, a
+/// transposed one's inputs. The product's output channels (`c`, or `g.c` when transposed) are
+/// twice the layer's with a gate: [a | gate], the gate's weights after a's in each row.
+#[derive(Debug, Clone, Copy)]
+pub struct CLayer {
+    pub w: usize,
+    pub b: usize,
+    pub g: Geom,
+    pub c: usize,
+    pub t: bool,
+    pub wide: usize,
+}
+
+impl CLayer {
+    fn alloc(size: &mut usize, g: Geom, c: usize, t: bool, wide: usize) -> Self {
+        let l = CLayer {
+            w: *size,
+            b: *size + c * g.patch(),
+            g,
+            c,
+            t,
+            wide,
+        };
+        *size = l.end();
+        l
+    }
+
+    /// The product's output channels (bias values).
+    fn n_bias(&self) -> usize {
+        if self.t {
+            self.g.c
+        } else {
+            self.c
+        }
+    }
+
+    pub fn end(&self) -> usize {
+        self.b + self.n_bias()
+    }
+
+    /// Values per image: of the input, of the product, of the activated output.
+    fn sizes(&self) -> (usize, usize, usize) {
+        let (img, grid) = (self.g.c * self.g.h * self.g.w, self.c * self.g.positions());
+        let (inp, prod) = if self.t { (grid, img) } else { (img, grid) };
+        (inp, prod, prod / self.wide)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        y: &mut [f32],
+        x: &[f32],
+        th: &[f32],
+        bias: &[f32],
+        rows: usize,
+        cw: &mut ConvWork,
+        par: bool,
+    ) {
+        let wt = &th[self.w..self.b];
+        if self.t {
+            conv::convt_forward(y, x, wt, bias, self.g, self.c, rows, cw, par);
+        } else {
+            conv::conv_forward(y, x, wt, bias, self.g, self.c, rows, cw, par);
+        }
+    }
+
+    /// From d(product) `dy`: the layer's gradients into `g`, dx into `dx` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        g: &mut [f32],
+        dx: Option<&mut [f32]>,
+        dy: &[f32],
+        th: &[f32],
+        rows: usize,
+        cw: &mut ConvWork,
+        par: bool,
+    ) {
+        let (gw, gb) = g[self.w..self.end()].split_at_mut(self.b - self.w);
+        let wt = &th[self.w..self.b];
+        if self.t {
+            conv::convt_backward(gw, gb, dx, dy, wt, self.g, self.c, rows, cw, par);
+        } else {
+            conv::conv_backward(gw, gb, dx, dy, wt, self.g, self.c, rows, cw, par);
+        }
+    }
+
+    /// The checkpoint tensors of this layer under `name` (with `.gate` twins when gated):
+    /// (name, shape, where element k of it lives). PyTorch's layouts: (c_out, c_in, k, k) for a
+    /// convolution, (c_in, c_out, k, k) for a transposed one.
+    fn tensors(&self, name: &str) -> Vec<super::Placed> {
+        let kk = self.g.k * self.g.k;
+        let mut v: Vec<super::Placed> = Vec::new();
+        let (w, b) = (self.w, self.b);
+        for part in 0..self.wide {
+            let suffix = if part == 0 { "" } else { ".gate" };
+            if self.t {
+                // W (c_in, g.c k k): row ci holds [a's c_out k k | gate's].
+                let (c_in, c_out, row) = (self.c, self.g.c / self.wide, self.g.c * kk);
+                let off = part * c_out * kk;
+                v.push((
+                    format!("{name}{suffix}.weight"),
+                    vec![c_in, c_out, self.g.k, self.g.k],
+                    Box::new(move |i| w + (i / (c_out * kk)) * row + off + i % (c_out * kk)),
+                ));
+                v.push((
+                    format!("{name}{suffix}.bias"),
+                    vec![c_out],
+                    Box::new(move |i| b + part * c_out + i),
+                ));
+            } else {
+                // W (c, g.c k k): a's c_out rows, then the gate's.
+                let (c_out, c_in) = (self.c / self.wide, self.g.c);
+                let off = part * c_out * c_in * kk;
+                v.push((
+                    format!("{name}{suffix}.weight"),
+                    vec![c_out, c_in, self.g.k, self.g.k],
+                    Box::new(move |i| w + off + i),
+                ));
+                v.push((
+                    format!("{name}{suffix}.bias"),
+                    vec![c_out],
+                    Box::new(move |i| b + part * c_out + i),
+                ));
+            }
+        }
+        v
+    }
+
+    /// The same tensors as Adam's per-tensor blocks.
+    fn blocks(&self) -> Vec<Block> {
+        let kk = self.g.k * self.g.k;
+        let mut v = Vec::new();
+        let one = |start: usize, width: usize| Block {
+            start,
+            rows: 1,
+            width,
+            stride: width,
+        };
+        for part in 0..self.wide {
+            if self.t {
+                let (c_out, row) = (self.g.c / self.wide, self.g.c * kk);
+                v.push(Block {
+                    start: self.w + part * c_out * kk,
+                    rows: self.c,
+                    width: c_out * kk,
+                    stride: row,
+                });
+                v.push(one(self.b + part * c_out, c_out));
+            } else {
+                let c_out = self.c / self.wide;
+                let n = c_out * self.g.patch();
+                v.push(one(self.w + part * n, n));
+                v.push(one(self.b + part * c_out, c_out));
+            }
+        }
+        v
+    }
+}
+
+/// The conv network's layers: the encoder's convolutions bottom first, and the decoder's
+/// transposed convolutions in the order applied, the last the output layer.
+#[derive(Debug, Clone)]
+pub struct ConvNet {
+    pub enc: Vec<CLayer>,
+    pub dec: Vec<CLayer>,
+    /// The data's [channels, height, width].
+    pub image: [usize; 3],
+    /// Features per image at the top (c_L h_L w_L): the dense layers' side.
+    pub feat: usize,
+    act: Activation,
+}
+
+impl ConvNet {
+    /// The encoder's convolutions, allocated from `size` (the decoder's come later,
+    /// `alloc_dec`, so that the output layer is the last of the network's parameters).
+    pub fn alloc_enc(size: &mut usize, cfg: &ModelConfig) -> Self {
+        let image = cfg.image.unwrap_or([1, 1, 1]);
+        let geo = cfg.conv_layers(image).unwrap_or_default();
+        let wide = if cfg.activation == Activation::Gated {
+            2
+        } else {
+            1
+        };
+        let enc = geo
+            .iter()
+            .map(|l| {
+                CLayer::alloc(
+                    size,
+                    Geom::new(l.c_in, (l.h, l.w), l.k, l.s, l.p),
+                    wide * l.c_out,
+                    false,
+                    wide,
+                )
+            })
+            .collect();
+        ConvNet {
+            enc,
+            dec: Vec::new(),
+            image,
+            feat: geo.last().map_or(0, |l| l.out_size()),
+            act: cfg.activation,
+        }
+    }
+
+    /// The decoder's transposed convolutions, mirroring the encoder's: hidden ones first, then
+    /// the output layer (to the data's channels, without activation or gate).
+    pub fn alloc_dec(&mut self, size: &mut usize) {
+        let n = self.enc.len();
+        let layers: Vec<CLayer> = self
+            .enc
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(j, e)| {
+                let wide = if j + 1 == n { 1 } else { e.wide };
+                let g = Geom {
+                    c: wide * e.g.c,
+                    ..e.g
+                };
+                CLayer::alloc(size, g, e.c / e.wide, true, wide)
+            })
+            .collect();
+        self.dec = layers;
+    }
+
+    /// Where the output layer's parameters start (everything after is the output side's).
+    pub fn out_start(&self) -> usize {
+        self.dec.last().map_or(0, |l| l.w)
+    }
+
+    pub fn out_layer(&self) -> CLayer {
+        self.dec[self.dec.len() - 1]
+    }
+
+    fn channels(&self) -> usize {
+        self.image[0]
+    }
+
+    /// Every tensor's checkpoint name, shape and place.
+    pub fn tensors(&self) -> Vec<super::Placed> {
+        let mut v = Vec::new();
+        for (i, l) in self.enc.iter().enumerate() {
+            v.extend(l.tensors(&format!("encoder.conv.{i}")));
+        }
+        let n = self.dec.len();
+        for (j, l) in self.dec.iter().enumerate() {
+            let name = if j + 1 == n {
+                "decoder.out".to_string()
+            } else {
+                format!("decoder.conv.{j}")
+            };
+            v.extend(l.tensors(&name));
+        }
+        v
+    }
+
+    pub fn blocks(&self) -> Vec<Block> {
+        self.enc
+            .iter()
+            .chain(&self.dec)
+            .flat_map(|l| l.blocks())
+            .collect()
+    }
+
+    /// The widest per-image activation or product, for the dense side's scratch buffers.
+    pub fn widest(&self) -> usize {
+        self.enc
+            .iter()
+            .chain(&self.dec)
+            .map(|l| {
+                let (a, b, _) = l.sizes();
+                a.max(b)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The encoder's convolutions on `b` images `x` (b, H W C): the features (b, feat) are
+    /// `cw.enc_h`'s last.
+    pub fn enc_forward(&self, th: &[f32], x: &[f32], cw: &mut ConvNetWork, b: usize, par: bool) {
+        let dim = self.image.iter().product::<usize>();
+        let c = self.channels();
+        if c > 1 {
+            // (b, H W, C) -> (b, C, H W).
+            conv::transpose(&mut cw.xn, x, b, dim / c, c, par);
+        }
+        for (i, l) in self.enc.iter().enumerate() {
+            let (_, np, no) = l.sizes();
+            let (prev, rest) = cw.enc_h.split_at_mut(i);
+            let input: &[f32] = match (i, c > 1) {
+                (0, true) => &cw.xn,
+                (0, false) => x,
+                _ => &prev[i - 1],
+            };
+            let pre = &mut cw.enc_pre[i];
+            l.forward(pre, input, th, &th[l.b..l.end()], b, &mut cw.enc_cw[i], par);
+            act_fwd(
+                &mut pre[..b * np],
+                &mut rest[0][..b * no],
+                &cw.zero,
+                no,
+                self.act,
+            );
+        }
+    }
+
+    /// The encoder's features after `enc_forward` (b, feat).
+    pub fn features<'a>(&self, cw: &'a ConvNetWork, b: usize) -> &'a [f32] {
+        &cw.enc_h[self.enc.len() - 1][..b * self.feat]
+    }
+
+    /// Back through the encoder's convolutions from d(features) `d` (b, feat): each layer's
+    /// gradients into `st.g` and its Adam step. The first layer's input needs no gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn enc_backward(
+        &self,
+        th: &mut [f32],
+        st: &mut Moments,
+        adam: &Option<AdamStep>,
+        cw: &mut ConvNetWork,
+        d: &[f32],
+        b: usize,
+        par: bool,
+    ) {
+        cw.da[..b * self.feat].copy_from_slice(&d[..b * self.feat]);
+        for (i, l) in self.enc.iter().enumerate().rev() {
+            let (_, np, no) = l.sizes();
+            act_back(
+                &mut cw.da,
+                &mut cw.db,
+                &cw.enc_pre[i][..b * np],
+                &cw.enc_h[i][..b * no],
+                no,
+                self.act,
+            );
+            let dx = if i > 0 { Some(&mut cw.db[..]) } else { None };
+            l.backward(st.g, dx, &cw.da, th, b, &mut cw.enc_cw[i], par);
+            adam_range(adam, th, st, l.w, l.end());
+            std::mem::swap(&mut cw.da, &mut cw.db);
+        }
+    }
+
+    /// The decoder's transposed convolutions on `rows` rows of features `f` (rows, feat): the
+    /// output (rows, H W C) into `out` without the output layer's bias, which `cw.ob` holds
+    /// spread over the pixels for the likelihood pass.
+    pub fn dec_forward(
+        &self,
+        th: &[f32],
+        f: &[f32],
+        out: &mut [f32],
+        cw: &mut ConvNetWork,
+        rows: usize,
+        par: bool,
+    ) {
+        let n = self.dec.len();
+        let c = self.channels();
+        let dim = self.image.iter().product::<usize>();
+        for (j, l) in self.dec.iter().enumerate() {
+            let (prev, rest) = cw.dec_h.split_at_mut(j);
+            let input: &[f32] = if j == 0 { f } else { &prev[j - 1] };
+            if j + 1 == n {
+                let y: &mut [f32] = if c > 1 { &mut cw.on } else { &mut *out };
+                l.forward(
+                    y,
+                    input,
+                    th,
+                    &cw.zero[..l.n_bias()],
+                    rows,
+                    &mut cw.dec_cw[j],
+                    par,
+                );
+            } else {
+                let (_, np, no) = l.sizes();
+                let pre = &mut cw.dec_pre[j];
+                l.forward(
+                    pre,
+                    input,
+                    th,
+                    &th[l.b..l.end()],
+                    rows,
+                    &mut cw.dec_cw[j],
+                    par,
+                );
+                act_fwd(
+                    &mut pre[..rows * np],
+                    &mut rest[0][..rows * no],
+                    &cw.zero,
+                    no,
+                    self.act,
+                );
+            }
+        }
+        if c > 1 {
+            // (rows, C, H W) -> (rows, H W, C).
+            conv::transpose(out, &cw.on, rows, c, dim / c, par);
+        }
+        let ol = self.out_layer();
+        for (i, v) in cw.ob[..dim].iter_mut().enumerate() {
+            *v = th[ol.b + i % c];
+        }
+    }
+
+    /// Back through the output layer from d(output) `d_out` (rows, H W C): its gradients into
+    /// `g`; d(its input) kept in `cw.da` for `dec_backward`.
+    pub fn out_backward(
+        &self,
+        g: &mut [f32],
+        th: &[f32],
+        d_out: &[f32],
+        cw: &mut ConvNetWork,
+        rows: usize,
+        par: bool,
+    ) {
+        let n = self.dec.len();
+        let c = self.channels();
+        let dim = self.image.iter().product::<usize>();
+        let dy: &[f32] = if c > 1 {
+            conv::transpose(&mut cw.on, d_out, rows, dim / c, c, par);
+            &cw.on
+        } else {
+            d_out
+        };
+        let l = self.out_layer();
+        l.backward(
+            g,
+            Some(&mut cw.da[..]),
+            dy,
+            th,
+            rows,
+            &mut cw.dec_cw[n - 1],
+            par,
+        );
+    }
+
+    /// Back through the decoder's hidden transposed convolutions from `cw.da` (after
+    /// `out_backward`), each layer's Adam step as its gradient is final: d(features) (rows,
+    /// feat) into `d`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dec_backward(
+        &self,
+        th: &mut [f32],
+        st: &mut Moments,
+        adam: &Option<AdamStep>,
+        cw: &mut ConvNetWork,
+        d: &mut [f32],
+        rows: usize,
+        par: bool,
+    ) {
+        let n = self.dec.len();
+        for j in (0..n - 1).rev() {
+            let l = self.dec[j];
+            let (_, np, no) = l.sizes();
+            act_back(
+                &mut cw.da,
+                &mut cw.db,
+                &cw.dec_pre[j][..rows * np],
+                &cw.dec_h[j][..rows * no],
+                no,
+                self.act,
+            );
+            l.backward(
+                st.g,
+                Some(&mut cw.db[..]),
+                &cw.da,
+                th,
+                rows,
+                &mut cw.dec_cw[j],
+                par,
+            );
+            adam_range(adam, th, st, l.w, l.end());
+            std::mem::swap(&mut cw.da, &mut cw.db);
+        }
+        d[..rows * self.feat].copy_from_slice(&cw.da[..rows * self.feat]);
+    }
+}
+
+/// h = act(a) on a product whose bias is already added (`zero` is zeros, as wide as a row's
+/// product); gated: h = a * sigmoid(gate) per image's [a | gate] halves of `n` each.
+fn act_fwd(pre: &mut [f32], h: &mut [f32], zero: &[f32], n: usize, act: Activation) {
+    if act == Activation::Gated {
+        linear::gated_forward(pre, h, &zero[..2 * n], n);
+    } else {
+        linear::act_forward(pre, h, &zero[..n], n, act);
+    }
+}
+
+/// d(output) (rows, n) in `d` -> d(product) in `d` (`t` scratch): times act'(a), or the gated
+/// layer's [d a | d gate] (rows, 2n).
+fn act_back(d: &mut Vec<f32>, t: &mut Vec<f32>, pre: &[f32], h: &[f32], n: usize, act: Activation) {
+    let rows = h.len() / n;
+    if act == Activation::Gated {
+        linear::gated_backward(&d[..rows * n], pre, &mut t[..rows * 2 * n], n);
+        std::mem::swap(d, t);
+    } else {
+        linear::act_backward(&mut d[..rows * n], pre, h, act);
+    }
+}
+
+/// A conv network's buffers: per layer its scratch, products and activations; the colour
+/// image and output NCHW; two gradient buffers; zeros; the output bias spread over the pixels.
+pub struct ConvNetWork {
+    enc_cw: Vec<ConvWork>,
+    enc_pre: Vec<Vec<f32>>,
+    enc_h: Vec<Vec<f32>>,
+    dec_cw: Vec<ConvWork>,
+    dec_pre: Vec<Vec<f32>>,
+    dec_h: Vec<Vec<f32>>,
+    xn: Vec<f32>,
+    on: Vec<f32>,
+    da: Vec<f32>,
+    db: Vec<f32>,
+    zero: Vec<f32>,
+    pub ob: Vec<f32>,
+}
+
+impl ConvNetWork {
+    /// For `cap` images and `rows` sample rows.
+    pub fn new(net: &ConvNet, cap: usize, rows: usize) -> Self {
+        let dim: usize = net.image.iter().product();
+        let c = net.channels();
+        let widest = net.widest().max(dim);
+        let n = net.dec.len();
+        ConvNetWork {
+            enc_cw: net
+                .enc
+                .iter()
+                .map(|l| ConvWork::new(l.g, l.c, cap))
+                .collect(),
+            enc_pre: net
+                .enc
+                .iter()
+                .map(|l| vec![0.0; cap * l.sizes().1])
+                .collect(),
+            enc_h: net
+                .enc
+                .iter()
+                .map(|l| vec![0.0; cap * l.sizes().2])
+                .collect(),
+            dec_cw: net
+                .dec
+                .iter()
+                .map(|l| ConvWork::new(l.g, l.c, rows))
+                .collect(),
+            dec_pre: net.dec[..n - 1]
+                .iter()
+                .map(|l| vec![0.0; rows * l.sizes().1])
+                .collect(),
+            dec_h: net.dec[..n - 1]
+                .iter()
+                .map(|l| vec![0.0; rows * l.sizes().2])
+                .collect(),
+            xn: vec![0.0; if c > 1 { cap * dim } else { 0 }],
+            on: vec![0.0; if c > 1 { rows * dim } else { 0 }],
+            da: vec![0.0; rows.max(cap) * widest],
+            db: vec![0.0; rows.max(cap) * widest],
+            zero: vec![0.0; widest],
+            ob: vec![0.0; dim],
+        }
+    }
+}
