@@ -6,7 +6,9 @@
 //! transposed convolutions rather than upsampling then convolution, because they are the exact
 //! adjoint of the encoder's layers and the peer's network, so the two can be timed side by side.
 //!
-//! Tensor names, PyTorch layouts: `encoder.conv.{i}.{weight,bias}` (c_out, c_in, k, k), bottom
+//! The dense layers next to the convolutions see the features flattened (h, w, c) (the data's
+//! own order, and the fused step's): a PyTorch model reading the checkpoint permutes to (h, w, c)
+//! before its flatten. Tensor names, PyTorch layouts: `encoder.conv.{i}.{weight,bias}` (c_out, c_in, k, k), bottom
 //! first; `decoder.conv.{j}.*` (c_in, c_out, k, k) in the order the decoder applies them, and the
 //! last, to the data's channels, `decoder.out.*` (its bias per channel). With
 //! `activation = "gated"` each hidden layer has a `.gate` twin: h = conv(x) * sigmoid(conv'(x))
@@ -131,7 +133,8 @@ impl ConvEncoder {
         for (l, g) in self.layers.iter().zip(&self.geo) {
             t = l.apply(&t, g, self.act, false)?;
         }
-        t.flatten_from(1)
+        // The features go to the dense layers flattened (h, w, c), as the fused step keeps them.
+        t.permute((0, 2, 3, 1))?.contiguous()?.flatten_from(1)
     }
 }
 
@@ -164,7 +167,11 @@ impl ConvDecoder {
     /// (N, c_L h_L w_L) -> (N, C H W), the last layer's output raw (logits or means).
     pub fn forward(&self, f: &Tensor) -> Result<Tensor> {
         let top = self.geo[self.geo.len() - 1];
-        let mut t = f.reshape(((), top.c_out, top.h / top.s, top.w / top.s))?;
+        // The features are (h, w, c) (see `ConvEncoder::forward`).
+        let mut t = f
+            .reshape(((), top.h / top.s, top.w / top.s, top.c_out))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
         let n = self.layers.len();
         for (j, (l, g)) in self.layers.iter().zip(self.geo.iter().rev()).enumerate() {
             t = if j + 1 == n {

@@ -87,11 +87,6 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
     if zd < 2 {
         bail!("the run's latent space is 1-D; the explorer needs a plane (vae manifold --dim 1 traverses it)");
     }
-    if cfg.arch == crate::config::Arch::Conv {
-        // The page's decoder is dense layers in JavaScript; the transposed convolutions are not
-        // written there yet.
-        bail!("{}: a conv network (model.arch = \"conv\") has no explorer page yet; its latent plane is `vae manifold --dim 2`, its codes `vae scatter`", l.dir.display());
-    }
     let test = l.test_split(limit)?;
     let px = eval::test_pixels(&l.cfg, &test);
     let codes = pictures::encode_means(l, &px)?;
@@ -122,6 +117,18 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
     for (i, &h) in cfg.hidden.iter().rev().enumerate() {
         names.push((format!("decoder.hidden.{i}"), h));
     }
+    // A conv network: the dense layers end at the last convolution's features, (h, w, c), which
+    // the transposed convolutions (`convt` layers, PyTorch's (in, out, k, k) kernels) take back
+    // to the image.
+    let conv_geo = match cfg.arch {
+        crate::config::Arch::Conv => {
+            let geo = cfg.conv_layers(cfg.image_shape()?)?;
+            let feat = geo.last().map_or(0, |g| g.out_size());
+            names.push((format!("decoder.hidden.{}", cfg.hidden.len()), feat));
+            geo
+        }
+        crate::config::Arch::Mlp => Vec::new(),
+    };
     let dense = |name: &str, nin: usize, nout: usize| -> Result<serde_json::Value> {
         let mut layer = json!({
             "in": nin, "out": nout,
@@ -145,11 +152,34 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
         }
         layers.push(layer);
     }
-    layers.push(json!({
-        "in": prev, "out": l.dim(),
-        "w": floats(&get("decoder.out.weight")?, precision),
-        "b": floats(&get("decoder.out.bias")?, precision),
-    }));
+    let n_conv = conv_geo.len();
+    for (j, g) in conv_geo.iter().rev().enumerate() {
+        let last = j + 1 == n_conv;
+        let name = if last {
+            "decoder.out".to_string()
+        } else {
+            format!("decoder.conv.{j}")
+        };
+        let mut layer = json!({
+            "convt": true, "last": last,
+            "cin": g.c_out, "cout": g.c_in, "k": g.k, "s": g.s, "p": g.p,
+            "hin": g.h / g.s, "win": g.w / g.s, "hout": g.h, "wout": g.w,
+            "w": floats(&get(&format!("{name}.weight"))?, precision),
+            "b": floats(&get(&format!("{name}.bias"))?, precision),
+        });
+        if gated && !last {
+            layer["gw"] = floats(&get(&format!("{name}.gate.weight"))?, precision).into();
+            layer["gb"] = floats(&get(&format!("{name}.gate.bias"))?, precision).into();
+        }
+        layers.push(layer);
+    }
+    if n_conv == 0 {
+        layers.push(json!({
+            "in": prev, "out": l.dim(),
+            "w": floats(&get("decoder.out.weight")?, precision),
+            "b": floats(&get("decoder.out.bias")?, precision),
+        }));
+    }
     let pca = pictures::pca(&codes, zd);
     let title = l
         .dir

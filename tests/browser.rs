@@ -97,6 +97,17 @@ fn the_page_decodes_as_vae_does() {
         &["model.activation=softplus"],
         &["model.activation=sigmoid"],
         &["data.channels=3", "model.latent=2"],
+        &[
+            "model.arch=\"conv\"",
+            "model.conv=[[4, 4, 2], [8, 3, 2]]",
+            "model.hidden=[32]",
+        ],
+        &[
+            "model.arch=\"conv\"",
+            "model.conv=[[4, 4, 2]]",
+            "model.activation=gated",
+            "data.channels=3",
+        ],
         // Two stochastic layers (chain): the page decodes z2 through p(z1|z2)'s mean.
         &[
             "model.latent=[6, 3]",

@@ -1,18 +1,21 @@
 //! 2-D convolution and transposed convolution as layers on plain buffers (the building blocks of
 //! a convolutional encoder and decoder, as in Kingma et al. 2016's and Tomczak & Welling 2018's
-//! conv VAEs), on the step's products:
+//! conv VAEs), on the step's products. Images are NHWC, position-major: an image is (h w, c)
+//! rows of channels, the data's own layout and the products' natural output, so no pass
+//! transposes anything.
 //!
-//! - convolution, y = W * x + b: the input's patches laid out as rows ("im2row": one row per
-//!   output position, c_in k k wide), one product with W^T, the result transposed to NCHW;
-//!   backward dW = dY^T R, dR = dY W, dx = the patches' gradients added back ("row2im");
-//! - transposed convolution (the convolution's adjoint, as `conv_transpose2d`): one product of the
-//!   input's positions with W (c_in, c_out k k), the rows added into the output (row2im); backward
+//! - convolution, y = W * x (+ b): the input's patches laid out as rows ("im2row": one row per
+//!   output position, (ky, kx, c_in) wide, each kernel row one copy of k c_in contiguous values),
+//!   one product R W^T giving y (b ho wo, c_out); backward dW = dY^T R, dR = dY W, dx = the
+//!   patches' gradients added back ("row2im");
+//! - transposed convolution (the convolution's adjoint, as `conv_transpose2d`): R = X W with X
+//!   (b n, c_in), W (c_in, (ky, kx, c_out)), the rows added into the output (row2im); backward
 //!   dR = im2row(dy), dW = X^T dR, dx = dR W^T.
 //!
-//! Activations are NCHW per image, as candle's (so a flattened image is candle's flatten), the
-//! weights in the checkpoint's layout: (c_out, c_in, k, k) for a convolution, (c_in, c_out, k, k)
-//! for a transposed one. Not yet wired into `Fused` (issue 32): its gradient tests against
-//! candle's autograd are in this file.
+//! A weight is stored with its patch index (ky, kx, c): a convolution's (c_out, k k c_in), a
+//! transposed one's (c_in, k k c_out); `step::convnet` maps them to and from PyTorch's layouts.
+//! Biases: `conv_forward` / `convt_forward` add one when given (the tests); the network leaves it
+//! to the activation pass, which adds a bias anyway.
 
 use super::math::matmul;
 
@@ -81,125 +84,65 @@ fn inside(x0: isize, k: usize, w: usize) -> (usize, usize) {
     (lo, hi)
 }
 
-/// Patches of `b` images `x` (b, c, h, w) as rows `r` (b ho wo, c k k): row (img, oy, ox),
-/// column (ci, ky, kx); zeros where the kernel hangs over the padding.
+/// Patches of `b` NHWC images `x` (b, h, w, c) as rows `r` (b ho wo, k k c): row (img, oy, ox),
+/// column (ky, kx, ci); zeros where the kernel hangs over the padding. Each kernel row is one
+/// copy of the (kx, ci) values under it, contiguous in the image.
 pub fn im2row(r: &mut [f32], x: &[f32], g: Geom, b: usize, par: bool) {
-    let per = g.positions() * g.patch();
-    per_images(r, per, b, par, |r, i0, n| match g.k {
-        3 => im2row_part::<3>(r, x, g, i0, n),
-        4 => im2row_part::<4>(r, x, g, i0, n),
-        5 => im2row_part::<5>(r, x, g, i0, n),
-        _ => im2row_part::<0>(r, x, g, i0, n),
-    });
-}
-
-/// `im2row` on images i0.. i0 + n into `r` (theirs only). `K` is the kernel's side when it is
-/// one of the common ones (0: read it from `g`), so that each kernel row's copy is a few moves
-/// rather than a call.
-fn im2row_part<const K: usize>(r: &mut [f32], x: &[f32], g: Geom, i0: usize, n: usize) {
-    let k = if K > 0 { K } else { g.k };
-    let (pr, hw) = (g.patch(), g.h * g.w);
-    for img in 0..n {
-        let xi = &x[(i0 + img) * g.c * hw..][..g.c * hw];
-        for oy in 0..g.ho {
-            for ox in 0..g.wo {
-                let row = &mut r[((img * g.ho + oy) * g.wo + ox) * pr..][..pr];
-                let x0 = (ox * g.s) as isize - g.p as isize;
-                let (lo, hi) = inside(x0, k, g.w);
-                for ci in 0..g.c {
+    let (pr, k, c) = (g.patch(), g.k, g.c);
+    let img_len = g.h * g.w * c;
+    per_images(r, g.positions() * pr, b, par, |r, i0, n| {
+        for img in 0..n {
+            let xi = &x[(i0 + img) * img_len..][..img_len];
+            for oy in 0..g.ho {
+                for ox in 0..g.wo {
+                    let row = &mut r[((img * g.ho + oy) * g.wo + ox) * pr..][..pr];
+                    let x0 = (ox * g.s) as isize - g.p as isize;
+                    let (lo, hi) = inside(x0, k, g.w);
                     for ky in 0..k {
-                        let dst = &mut row[(ci * k + ky) * k..][..k];
+                        let dst = &mut row[ky * k * c..][..k * c];
                         let y = (oy * g.s + ky) as isize - g.p as isize;
                         if y < 0 || y >= g.h as isize || lo == hi {
                             dst.fill(0.0);
                             continue;
                         }
-                        let src = (ci * hw + y as usize * g.w) as isize + x0;
-                        if lo == 0 && hi == k {
-                            let s = src as usize;
-                            dst.copy_from_slice(&xi[s..s + k]);
-                        } else {
-                            for (t, d) in dst.iter_mut().enumerate() {
-                                *d = if t >= lo && t < hi {
-                                    xi[(src + t as isize) as usize]
-                                } else {
-                                    0.0
-                                };
-                            }
-                        }
+                        let at = (y as usize * g.w) as isize + x0;
+                        let src = ((at + lo as isize) as usize) * c;
+                        dst[..lo * c].fill(0.0);
+                        dst[hi * c..].fill(0.0);
+                        dst[lo * c..hi * c].copy_from_slice(&xi[src..src + (hi - lo) * c]);
                     }
                 }
             }
         }
-    }
-}
-
-/// The adjoint of `im2row`: each patch row of `r` added back into the image `x` (b, c, h, w),
-/// which it overwrites first.
-pub fn row2im(x: &mut [f32], r: &[f32], g: Geom, b: usize, par: bool) {
-    per_images(x, g.c * g.h * g.w, b, par, |x, i0, n| match g.k {
-        3 => row2im_part::<3>(x, r, g, i0, n),
-        4 => row2im_part::<4>(x, r, g, i0, n),
-        5 => row2im_part::<5>(x, r, g, i0, n),
-        _ => row2im_part::<0>(x, r, g, i0, n),
     });
 }
 
-/// `row2im` for images i0.. i0 + n into `x` (theirs only); `K` as for `im2row_part`.
-fn row2im_part<const K: usize>(x: &mut [f32], r: &[f32], g: Geom, i0: usize, n: usize) {
-    let k = if K > 0 { K } else { g.k };
-    let (pr, hw) = (g.patch(), g.h * g.w);
-    x.fill(0.0);
-    for img in 0..n {
-        let xi = &mut x[img * g.c * hw..][..g.c * hw];
-        for oy in 0..g.ho {
-            for ox in 0..g.wo {
-                let row = &r[(((i0 + img) * g.ho + oy) * g.wo + ox) * pr..][..pr];
-                let x0 = (ox * g.s) as isize - g.p as isize;
-                let (lo, hi) = inside(x0, k, g.w);
-                if lo == hi {
-                    continue;
-                }
-                for ci in 0..g.c {
+/// The adjoint of `im2row`: each patch row of `r` added back into the NHWC images `x`
+/// (b, h, w, c), which it overwrites first.
+pub fn row2im(x: &mut [f32], r: &[f32], g: Geom, b: usize, par: bool) {
+    let (pr, k, c) = (g.patch(), g.k, g.c);
+    let img_len = g.h * g.w * c;
+    per_images(x, img_len, b, par, |x, i0, n| {
+        x.fill(0.0);
+        for img in 0..n {
+            let xi = &mut x[img * img_len..][..img_len];
+            for oy in 0..g.ho {
+                for ox in 0..g.wo {
+                    let row = &r[(((i0 + img) * g.ho + oy) * g.wo + ox) * pr..][..pr];
+                    let x0 = (ox * g.s) as isize - g.p as isize;
+                    let (lo, hi) = inside(x0, k, g.w);
+                    if lo == hi {
+                        continue;
+                    }
                     for ky in 0..k {
                         let y = (oy * g.s + ky) as isize - g.p as isize;
                         if y < 0 || y >= g.h as isize {
                             continue;
                         }
-                        let src = &row[(ci * k + ky) * k..][..k];
-                        let at = (ci * hw + y as usize * g.w) as isize + x0;
-                        if lo == 0 && hi == k {
-                            let a = at as usize;
-                            for (d, v) in xi[a..a + k].iter_mut().zip(src) {
-                                *d += v;
-                            }
-                        } else {
-                            for (t, v) in src.iter().enumerate().take(hi).skip(lo) {
-                                xi[(at + t as isize) as usize] += v;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// (b, n, c) -> (b, c, n) per image: position-major rows to NCHW, or back with n and c swapped.
-pub fn transpose(out: &mut [f32], v: &[f32], b: usize, n: usize, c: usize, par: bool) {
-    per_images(out, n * c, b, par, |out, i0, m| {
-        for img in 0..m {
-            let (src, dst) = (
-                &v[(i0 + img) * n * c..][..n * c],
-                &mut out[img * n * c..][..n * c],
-            );
-            // In tiles, so that both sides' reads and writes stay within a few cache lines.
-            const T: usize = 16;
-            for i0 in (0..n).step_by(T) {
-                for j0 in (0..c).step_by(T) {
-                    for i in i0..(i0 + T).min(n) {
-                        for j in j0..(j0 + T).min(c) {
-                            dst[j * n + i] = src[i * c + j];
+                        let src = &row[(ky * k + lo) * c..(ky * k + hi) * c];
+                        let at = ((y as usize * g.w) as isize + x0 + lo as isize) as usize * c;
+                        for (d, v) in xi[at..at + src.len()].iter_mut().zip(src) {
+                            *d += v;
                         }
                     }
                 }
@@ -208,62 +151,68 @@ pub fn transpose(out: &mut [f32], v: &[f32], b: usize, n: usize, c: usize, par: 
     });
 }
 
-/// Scratch for one layer: patch rows, and position-major outputs or gradients.
-pub struct ConvWork {
-    pub rows: Vec<f32>,
-    pub pm: Vec<f32>,
-    pub d_rows: Vec<f32>,
-}
-
-impl ConvWork {
-    /// Buffers for `b` images of a layer whose patch side is `g` and whose other side has
-    /// `c_other` channels.
-    pub fn new(g: Geom, c_other: usize, b: usize) -> Self {
-        let n = b * g.positions();
-        ConvWork {
-            // The transposed convolution's backward also holds dX (b n, c_other) here.
-            rows: vec![0.0; n * g.patch().max(c_other)],
-            pm: vec![0.0; n * c_other],
-            d_rows: vec![0.0; n * g.patch()],
+/// Adds `bias` (c) to every row of `y` (rows, c).
+fn add_bias(y: &mut [f32], bias: &[f32]) {
+    let c = bias.len();
+    for row in y.chunks_exact_mut(c) {
+        for (v, bb) in row.iter_mut().zip(bias) {
+            *v += bb;
         }
     }
 }
 
-/// Convolution forward: y (b, c_out, ho, wo) = W (c_out, c k k) * x (b, c, h, w) + bias (c_out).
+/// Column sums of `d` (rows, c) into `gb` (c).
+fn col_sums(gb: &mut [f32], d: &[f32]) {
+    let c = gb.len();
+    gb.fill(0.0);
+    for row in d.chunks_exact(c) {
+        for (a, v) in gb.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+}
+
+/// Scratch for one layer: the patch rows and their gradient.
+pub struct ConvWork {
+    pub rows: Vec<f32>,
+    pub d_rows: Vec<f32>,
+}
+
+impl ConvWork {
+    /// Buffers for `b` images of a layer whose patch side is `g`.
+    pub fn new(g: Geom, b: usize) -> Self {
+        let n = b * g.positions() * g.patch();
+        ConvWork {
+            rows: vec![0.0; n],
+            d_rows: vec![0.0; n],
+        }
+    }
+}
+
+/// Convolution forward: y (b ho wo, c_out) = im2row(x) W^T (+ bias) for NHWC x (b, h, w, c),
+/// W (c_out, k k c).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_forward(
     y: &mut [f32],
     x: &[f32],
     wt: &[f32],
-    bias: &[f32],
+    bias: Option<&[f32]>,
     g: Geom,
     c_out: usize,
     b: usize,
     cw: &mut ConvWork,
     par: bool,
 ) {
-    let (n, pr) = (g.positions(), g.patch());
+    let m = b * g.positions();
     im2row(&mut cw.rows, x, g, b, par);
-    // (b n, c_out) = R (b n, c k k) W^T.
-    matmul(
-        &mut cw.pm,
-        &cw.rows,
-        wt,
-        (b * n, c_out, pr),
-        false,
-        true,
-        par,
-    );
-    for row in cw.pm[..b * n * c_out].chunks_exact_mut(c_out) {
-        for (v, bb) in row.iter_mut().zip(bias) {
-            *v += bb;
-        }
+    matmul(y, &cw.rows, wt, (m, c_out, g.patch()), false, true, par);
+    if let Some(bias) = bias {
+        add_bias(&mut y[..m * c_out], bias);
     }
-    transpose(y, &cw.pm, b, n, c_out, par);
 }
 
-/// Convolution backward from dy (b, c_out, ho, wo), after `conv_forward` on the same `cw`: dW
-/// (c_out, c k k) and db (c_out) written, dx (b, c, h, w) written when given.
+/// Convolution backward from dy (b ho wo, c_out), after `conv_forward` on the same `cw`: dW
+/// (c_out, k k c) and db (c_out) written, dx (b, h, w, c) written when given.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_backward(
     gw: &mut [f32],
@@ -277,76 +226,49 @@ pub fn conv_backward(
     cw: &mut ConvWork,
     par: bool,
 ) {
-    let (n, pr) = (g.positions(), g.patch());
-    transpose(&mut cw.pm, dy, b, c_out, n, par);
-    let dym = &cw.pm[..b * n * c_out];
-    matmul(gw, dym, &cw.rows, (c_out, pr, b * n), true, false, par);
-    gb[..c_out].fill(0.0);
-    for row in dym.chunks_exact(c_out) {
-        for (a, v) in gb.iter_mut().zip(row) {
-            *a += v;
-        }
-    }
+    let (m, pr) = (b * g.positions(), g.patch());
+    let dy = &dy[..m * c_out];
+    matmul(gw, dy, &cw.rows, (c_out, pr, m), true, false, par);
+    col_sums(&mut gb[..c_out], dy);
     if let Some(dx) = dx {
-        matmul(
-            &mut cw.d_rows,
-            dym,
-            wt,
-            (b * n, pr, c_out),
-            false,
-            false,
-            par,
-        );
+        matmul(&mut cw.d_rows, dy, wt, (m, pr, c_out), false, false, par);
         row2im(dx, &cw.d_rows, g, b, par);
     }
 }
 
-/// Transposed convolution forward: y (b, c_out, h, w) from x (b, c_in, ho, wo), the adjoint of a
-/// convolution whose patch side `g` is y's (g.c = c_out) and whose grid is x's; W (c_in, c_out k k),
-/// bias (c_out).
+/// Transposed convolution forward: y (b, h, w, g.c) NHWC from x (b ho wo, c_in), the adjoint of
+/// a convolution whose patch side `g` is y's and whose grid is x's; W (c_in, k k g.c), + bias
+/// (g.c) when given.
 #[allow(clippy::too_many_arguments)]
 pub fn convt_forward(
     y: &mut [f32],
     x: &[f32],
     wt: &[f32],
-    bias: &[f32],
+    bias: Option<&[f32]>,
     g: Geom,
     c_in: usize,
     b: usize,
     cw: &mut ConvWork,
     par: bool,
 ) {
-    let (n, pr, hw) = (g.positions(), g.patch(), g.h * g.w);
-    transpose(&mut cw.pm, x, b, c_in, n, par);
-    // R (b n, c_out k k) = X (b n, c_in) W.
-    matmul(
-        &mut cw.rows,
-        &cw.pm,
-        wt,
-        (b * n, pr, c_in),
-        false,
-        false,
-        par,
-    );
+    let m = b * g.positions();
+    matmul(&mut cw.rows, x, wt, (m, g.patch(), c_in), false, false, par);
     row2im(y, &cw.rows, g, b, par);
-    for img in 0..b {
-        for (c, bb) in bias.iter().enumerate().take(g.c) {
-            for v in &mut y[(img * g.c + c) * hw..][..hw] {
-                *v += bb;
-            }
-        }
+    if let Some(bias) = bias {
+        add_bias(&mut y[..b * g.h * g.w * g.c], bias);
     }
 }
 
-/// Transposed convolution backward from dy (b, c_out, h, w), after `convt_forward` on the same
-/// `cw` (which holds x position-major): dW (c_in, c_out k k) and db (c_out) written, dx (b, c_in,
-/// ho, wo) written when given.
+/// Transposed convolution backward from dy (b, h, w, g.c), for the forward's input `x`
+/// (b ho wo, c_in): dW (c_in, k k g.c) and db (g.c) written, dx (b ho wo, c_in) written when
+/// given.
 #[allow(clippy::too_many_arguments)]
 pub fn convt_backward(
     gw: &mut [f32],
     gb: &mut [f32],
     dx: Option<&mut [f32]>,
     dy: &[f32],
+    x: &[f32],
     wt: &[f32],
     g: Geom,
     c_in: usize,
@@ -354,20 +276,13 @@ pub fn convt_backward(
     cw: &mut ConvWork,
     par: bool,
 ) {
-    let (n, pr, hw) = (g.positions(), g.patch(), g.h * g.w);
+    let (m, pr) = (b * g.positions(), g.patch());
     im2row(&mut cw.d_rows, dy, g, b, par);
-    let dr = &cw.d_rows[..b * n * pr];
-    matmul(gw, &cw.pm, dr, (c_in, pr, b * n), true, false, par);
-    gb[..g.c].fill(0.0);
-    for img in 0..b {
-        for (c, a) in gb.iter_mut().enumerate().take(g.c) {
-            *a += dy[(img * g.c + c) * hw..][..hw].iter().sum::<f32>();
-        }
-    }
+    let dr = &cw.d_rows[..m * pr];
+    matmul(gw, &x[..m * c_in], dr, (c_in, pr, m), true, false, par);
+    col_sums(&mut gb[..g.c], &dy[..b * g.h * g.w * g.c]);
     if let Some(dx) = dx {
-        // dX (b n, c_in) = dR W^T, back to NCHW through the rows buffer.
-        matmul(&mut cw.rows, dr, wt, (b * n, c_in, pr), false, true, par);
-        transpose(dx, &cw.rows, b, n, c_in, par);
+        matmul(dx, dr, wt, (m, c_in, pr), false, true, par);
     }
 }
 
@@ -397,6 +312,32 @@ mod tests {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
+    /// NCHW (b, c, h, w) values as NHWC.
+    fn nhwc(v: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+        let mut o = vec![0f32; v.len()];
+        for i in 0..b {
+            for ch in 0..c {
+                for p in 0..h * w {
+                    o[(i * h * w + p) * c + ch] = v[(i * c + ch) * h * w + p];
+                }
+            }
+        }
+        o
+    }
+
+    /// A PyTorch-layout kernel (rows, inner, k, k) as ours, (rows, (ky, kx, inner)).
+    fn kernel(v: &[f32], rows: usize, inner: usize, k: usize) -> Vec<f32> {
+        let mut o = vec![0f32; v.len()];
+        for r in 0..rows {
+            for c in 0..inner {
+                for t in 0..k * k {
+                    o[(r * k * k + t) * inner + c] = v[(r * inner + c) * k * k + t];
+                }
+            }
+        }
+        o
+    }
+
     #[test]
     fn hand_values() {
         // One 1-channel 3x3 image 1..9, a 2x2 kernel of ones at stride 1 without padding: each
@@ -404,18 +345,19 @@ mod tests {
         let x: Vec<f32> = (1..=9).map(|v| v as f32).collect();
         let g = Geom::new(1, (3, 3), 2, 1, 0);
         assert_eq!((g.ho, g.wo), (2, 2));
-        let mut cw = ConvWork::new(g, 1, 1);
+        let mut cw = ConvWork::new(g, 1);
         let mut y = [0f32; 4];
-        conv_forward(&mut y, &x, &[1.0; 4], &[0.5], g, 1, 1, &mut cw, false);
+        conv_forward(&mut y, &x, &[1.0; 4], Some(&[0.5]), g, 1, 1, &mut cw, false);
         assert_eq!(y, [12.5, 16.5, 24.5, 28.5]);
         // The transposed convolution of a single 1 at (0, 0) of the 2x2 grid spreads the kernel
         // [[1, 2], [3, 4]] into the 3x3 output's top-left corner.
         let mut y = [0f32; 9];
+        let x = [1.0, 0.0, 0.0, 0.0];
         convt_forward(
             &mut y,
-            &[1.0, 0.0, 0.0, 0.0],
+            &x,
             &[1.0, 2.0, 3.0, 4.0],
-            &[0.0],
+            None,
             g,
             1,
             1,
@@ -423,11 +365,23 @@ mod tests {
             false,
         );
         assert_eq!(y, [1.0, 2.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
+        // Two channels interleaved: a 2x2 kernel over a 2-channel 2x2 image has one position,
+        // whose patch row (ky, kx, channel) is the image's own NHWC order; with padding 1 and
+        // stride 2 the first position sees only pixel (0, 0), in the row's last two slots.
+        let x: Vec<f32> = (1..=8).map(|v| v as f32).collect();
+        let mut r = [0f32; 8];
+        im2row(&mut r, &x, Geom::new(2, (2, 2), 2, 1, 0), 1, false);
+        assert_eq!(r.to_vec(), x);
+        let g = Geom::new(2, (2, 2), 2, 2, 1);
+        let mut r = [0f32; 4 * 8];
+        im2row(&mut r, &x, g, 1, false);
+        assert_eq!(r[..8], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0]);
     }
 
     /// Both layers against candle's conv2d / conv_transpose2d and their autograd, the loss
     /// sum(y * dy) for a random dy: y, dW, db and dx, for stride 2 with padding (the conv VAE's
-    /// down- and up-sampling) and stride 1.
+    /// down- and up-sampling), stride 1, and an output padding. Values cross between the
+    /// layouts: candle's NCHW and (out, in, k, k) kernels, ours NHWC and (out, k k in).
     #[test]
     fn matches_candle_autograd() {
         let dev = Device::Cpu;
@@ -436,6 +390,7 @@ mod tests {
             (2, 3, 4, 6, 4, 2, 1),
             (3, 2, 5, 5, 3, 1, 1),
             (1, 2, 3, 7, 3, 2, 0),
+            (2, 2, 3, 6, 3, 2, 1),
         ] {
             // Convolution: (b, c_in, side, side) -> (b, c_out, ho, wo).
             let g = Geom::new(c_in, (side, side), k, s, p);
@@ -455,28 +410,27 @@ mod tests {
                 .unwrap();
             let dyt = Tensor::from_vec(dy.clone(), yt.dims(), &dev).unwrap();
             let grads = (&yt * &dyt).unwrap().sum_all().unwrap().backward().unwrap();
-            let mut cw = ConvWork::new(g, c_out, b);
+            let (ho, wo) = (g.ho, g.wo);
+            let (xo, wo_, dyo) = (
+                nhwc(&x, b, c_in, side, side),
+                kernel(&w, c_out, c_in, k),
+                nhwc(&dy, b, c_out, ho, wo),
+            );
+            let mut cw = ConvWork::new(g, b);
             let mut y = vec![0f32; b * c_out * g.positions()];
-            conv_forward(&mut y, &x, &w, &bias, g, c_out, b, &mut cw, false);
-            close("conv y", &y, &flat(&yt));
+            conv_forward(&mut y, &xo, &wo_, Some(&bias), g, c_out, b, &mut cw, false);
+            close("conv y", &y, &nhwc(&flat(&yt), b, c_out, ho, wo));
             let (mut gw, mut gb, mut dx) =
                 (vec![0f32; w.len()], vec![0f32; c_out], vec![0f32; x.len()]);
+            let dxs = Some(&mut dx[..]);
             conv_backward(
-                &mut gw,
-                &mut gb,
-                Some(&mut dx),
-                &dy,
-                &w,
-                g,
-                c_out,
-                b,
-                &mut cw,
-                false,
+                &mut gw, &mut gb, dxs, &dyo, &wo_, g, c_out, b, &mut cw, false,
             );
-            close("conv dW", &gw, &flat(grads.get(&wv).unwrap()));
+            let gwt = flat(grads.get(&wv).unwrap());
+            close("conv dW", &gw, &kernel(&gwt, c_out, c_in, k));
             close("conv db", &gb, &flat(grads.get(&bv).unwrap()));
-            close("conv dx", &dx, &flat(grads.get(&xv).unwrap()));
-
+            let dxt = flat(grads.get(&xv).unwrap());
+            close("conv dx", &dx, &nhwc(&dxt, b, c_in, side, side));
             // Transposed convolution: (b, c_out, ho, wo) -> (b, c_in, side, side), kernel
             // (c_out, c_in, k, k): the adjoint geometry of the convolution above.
             let (ci, co) = (c_out, c_in);
@@ -500,27 +454,26 @@ mod tests {
             assert_eq!(yt.dims(), &[b, co, side, side]);
             let dyt = Tensor::from_vec(dy.clone(), yt.dims(), &dev).unwrap();
             let grads = (&yt * &dyt).unwrap().sum_all().unwrap().backward().unwrap();
-            let mut cw = ConvWork::new(gt, ci, b);
+            let (xo, wo_, dyo) = (
+                nhwc(&x, b, ci, gt.ho, gt.wo),
+                kernel(&w, ci, co, k),
+                nhwc(&dy, b, co, side, side),
+            );
+            let mut cw = ConvWork::new(gt, b);
             let mut y = vec![0f32; b * co * side * side];
-            convt_forward(&mut y, &x, &w, &bias, gt, ci, b, &mut cw, false);
-            close("convt y", &y, &flat(&yt));
+            convt_forward(&mut y, &xo, &wo_, Some(&bias), gt, ci, b, &mut cw, false);
+            close("convt y", &y, &nhwc(&flat(&yt), b, co, side, side));
             let (mut gw, mut gb, mut dx) =
                 (vec![0f32; w.len()], vec![0f32; co], vec![0f32; x.len()]);
+            let dxs = Some(&mut dx[..]);
             convt_backward(
-                &mut gw,
-                &mut gb,
-                Some(&mut dx),
-                &dy,
-                &w,
-                gt,
-                ci,
-                b,
-                &mut cw,
-                false,
+                &mut gw, &mut gb, dxs, &dyo, &xo, &wo_, gt, ci, b, &mut cw, false,
             );
-            close("convt dW", &gw, &flat(grads.get(&wv).unwrap()));
+            let gwt = flat(grads.get(&wv).unwrap());
+            close("convt dW", &gw, &kernel(&gwt, ci, co, k));
             close("convt db", &gb, &flat(grads.get(&bv).unwrap()));
-            close("convt dx", &dx, &flat(grads.get(&xv).unwrap()));
+            let dxt = flat(grads.get(&xv).unwrap());
+            close("convt dx", &dx, &nhwc(&dxt, b, ci, gt.ho, gt.wo));
         }
     }
 }

@@ -5,12 +5,14 @@
 //! the MLP's, unchanged: the encoder's first dense layer reads the features (B, c_L h_L w_L) and
 //! the decoder's last dense layer writes them.
 //!
-//! The data's pixels are (H, W, C) interleaved; the layers run NCHW (candle's and PyTorch's
-//! layout, so the flattened features are the candle model's), so a colour image is transposed
-//! on the way in and the output on the way out (a grey one reads the same either way).
+//! Activations are NHWC, (h w, c) per image as `conv` computes them: the data's own (H, W, C)
+//! layout goes in as it is and the output comes out in it, and the features the dense layers
+//! read are flattened (h, w, c), as the candle model flattens them.
 //!
-//! The output layer (the last transposed convolution) leaves its bias to the likelihood pass, as
-//! the MLP's output layer does: its per-channel bias is spread over the pixels (`out_bias`).
+//! A hidden layer's bias is added by its activation pass (per position, as the dense layers'
+//! are); the output layer (the last transposed convolution) leaves its bias to the likelihood
+//! pass, as the MLP's output layer does: its per-channel bias is spread over the pixels
+//! (`ConvNetWork::ob`).
 
 use super::adam::{adam_range, AdamStep, Block, Moments};
 use super::conv::{self, ConvWork, Geom};
@@ -46,6 +48,11 @@ impl CLayer {
         l
     }
 
+    /// The layer's activated output channels (the product's, halved with a gate).
+    fn channels(&self) -> usize {
+        self.n_bias() / self.wide
+    }
+
     /// The product's output channels (bias values).
     fn n_bias(&self) -> usize {
         if self.t {
@@ -66,32 +73,33 @@ impl CLayer {
         (inp, prod, prod / self.wide)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The product (no bias: the activation pass adds it) for `rows` images of `x`.
     fn forward(
         &self,
         y: &mut [f32],
         x: &[f32],
         th: &[f32],
-        bias: &[f32],
         rows: usize,
         cw: &mut ConvWork,
         par: bool,
     ) {
         let wt = &th[self.w..self.b];
         if self.t {
-            conv::convt_forward(y, x, wt, bias, self.g, self.c, rows, cw, par);
+            conv::convt_forward(y, x, wt, None, self.g, self.c, rows, cw, par);
         } else {
-            conv::conv_forward(y, x, wt, bias, self.g, self.c, rows, cw, par);
+            conv::conv_forward(y, x, wt, None, self.g, self.c, rows, cw, par);
         }
     }
 
-    /// From d(product) `dy`: the layer's gradients into `g`, dx into `dx` when given.
+    /// From d(product) `dy` and the forward's input `x`: the layer's gradients into `g`, dx into
+    /// `dx` when given.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         g: &mut [f32],
         dx: Option<&mut [f32]>,
         dy: &[f32],
+        x: &[f32],
         th: &[f32],
         rows: usize,
         cw: &mut ConvWork,
@@ -100,29 +108,32 @@ impl CLayer {
         let (gw, gb) = g[self.w..self.end()].split_at_mut(self.b - self.w);
         let wt = &th[self.w..self.b];
         if self.t {
-            conv::convt_backward(gw, gb, dx, dy, wt, self.g, self.c, rows, cw, par);
+            conv::convt_backward(gw, gb, dx, dy, x, wt, self.g, self.c, rows, cw, par);
         } else {
             conv::conv_backward(gw, gb, dx, dy, wt, self.g, self.c, rows, cw, par);
         }
     }
 
     /// The checkpoint tensors of this layer under `name` (with `.gate` twins when gated):
-    /// (name, shape, where element k of it lives). PyTorch's layouts: (c_out, c_in, k, k) for a
-    /// convolution, (c_in, c_out, k, k) for a transposed one.
+    /// (name, shape, where element i of it lives). PyTorch's layouts, (c_out, c_in, k, k) for a
+    /// convolution and (c_in, c_out, k, k) for a transposed one, against ours: a weight row's
+    /// patch is (ky, kx, channel), and a gated layer's product channels are [a | gate].
     fn tensors(&self, name: &str) -> Vec<super::Placed> {
         let kk = self.g.k * self.g.k;
         let mut v: Vec<super::Placed> = Vec::new();
-        let (w, b) = (self.w, self.b);
+        let (w, b, k) = (self.w, self.b, self.g.k);
         for part in 0..self.wide {
             let suffix = if part == 0 { "" } else { ".gate" };
             if self.t {
-                // W (c_in, g.c k k): row ci holds [a's c_out k k | gate's].
-                let (c_in, c_out, row) = (self.c, self.g.c / self.wide, self.g.c * kk);
-                let off = part * c_out * kk;
+                // Ours (c_in, k k g.c); theirs (c_in, c_out, k, k).
+                let (c_in, c_out, gc) = (self.c, self.g.c / self.wide, self.g.c);
                 v.push((
                     format!("{name}{suffix}.weight"),
-                    vec![c_in, c_out, self.g.k, self.g.k],
-                    Box::new(move |i| w + (i / (c_out * kk)) * row + off + i % (c_out * kk)),
+                    vec![c_in, c_out, k, k],
+                    Box::new(move |i| {
+                        let (ci, co, t) = (i / (c_out * kk), (i / kk) % c_out, i % kk);
+                        w + (ci * kk + t) * gc + part * c_out + co
+                    }),
                 ));
                 v.push((
                     format!("{name}{suffix}.bias"),
@@ -130,13 +141,15 @@ impl CLayer {
                     Box::new(move |i| b + part * c_out + i),
                 ));
             } else {
-                // W (c, g.c k k): a's c_out rows, then the gate's.
+                // Ours (c, k k c_in) with c = [a's c_out | gate's c_out]; theirs (c_out, c_in, k, k).
                 let (c_out, c_in) = (self.c / self.wide, self.g.c);
-                let off = part * c_out * c_in * kk;
                 v.push((
                     format!("{name}{suffix}.weight"),
-                    vec![c_out, c_in, self.g.k, self.g.k],
-                    Box::new(move |i| w + off + i),
+                    vec![c_out, c_in, k, k],
+                    Box::new(move |i| {
+                        let (co, ci, t) = (i / (c_in * kk), (i / kk) % c_in, i % kk);
+                        w + ((part * c_out + co) * kk + t) * c_in + ci
+                    }),
                 ));
                 v.push((
                     format!("{name}{suffix}.bias"),
@@ -160,12 +173,12 @@ impl CLayer {
         };
         for part in 0..self.wide {
             if self.t {
-                let (c_out, row) = (self.g.c / self.wide, self.g.c * kk);
+                let c_out = self.g.c / self.wide;
                 v.push(Block {
-                    start: self.w + part * c_out * kk,
-                    rows: self.c,
-                    width: c_out * kk,
-                    stride: row,
+                    start: self.w + part * c_out,
+                    rows: self.c * kk,
+                    width: c_out,
+                    stride: self.g.c,
                 });
                 v.push(one(self.b + part * c_out, c_out));
             } else {
@@ -300,29 +313,14 @@ impl ConvNet {
     /// The encoder's convolutions on `b` images `x` (b, H W C): the features (b, feat) are
     /// `cw.enc_h`'s last.
     pub fn enc_forward(&self, th: &[f32], x: &[f32], cw: &mut ConvNetWork, b: usize, par: bool) {
-        let dim = self.image.iter().product::<usize>();
-        let c = self.channels();
-        if c > 1 {
-            // (b, H W, C) -> (b, C, H W).
-            conv::transpose(&mut cw.xn, x, b, dim / c, c, par);
-        }
         for (i, l) in self.enc.iter().enumerate() {
             let (_, np, no) = l.sizes();
             let (prev, rest) = cw.enc_h.split_at_mut(i);
-            let input: &[f32] = match (i, c > 1) {
-                (0, true) => &cw.xn,
-                (0, false) => x,
-                _ => &prev[i - 1],
-            };
+            let input: &[f32] = if i == 0 { x } else { &prev[i - 1] };
             let pre = &mut cw.enc_pre[i];
-            l.forward(pre, input, th, &th[l.b..l.end()], b, &mut cw.enc_cw[i], par);
-            act_fwd(
-                &mut pre[..b * np],
-                &mut rest[0][..b * no],
-                &cw.zero,
-                no,
-                self.act,
-            );
+            l.forward(pre, input, th, b, &mut cw.enc_cw[i], par);
+            let bias = &th[l.b..l.end()];
+            act_fwd(&mut pre[..b * np], &mut rest[0][..b * no], bias, self.act);
         }
     }
 
@@ -331,8 +329,9 @@ impl ConvNet {
         &cw.enc_h[self.enc.len() - 1][..b * self.feat]
     }
 
-    /// Back through the encoder's convolutions from d(features) `d` (b, feat): each layer's
-    /// gradients into `st.g` and its Adam step. The first layer's input needs no gradient.
+    /// Back through the encoder's convolutions from d(features) `d` (b, feat), for the images
+    /// `x`: each layer's gradients into `st.g` and its Adam step. The first layer's input needs
+    /// no gradient.
     #[allow(clippy::too_many_arguments)]
     pub fn enc_backward(
         &self,
@@ -340,6 +339,7 @@ impl ConvNet {
         st: &mut Moments,
         adam: &Option<AdamStep>,
         cw: &mut ConvNetWork,
+        x: &[f32],
         d: &[f32],
         b: usize,
         par: bool,
@@ -347,16 +347,11 @@ impl ConvNet {
         cw.da[..b * self.feat].copy_from_slice(&d[..b * self.feat]);
         for (i, l) in self.enc.iter().enumerate().rev() {
             let (_, np, no) = l.sizes();
-            act_back(
-                &mut cw.da,
-                &mut cw.db,
-                &cw.enc_pre[i][..b * np],
-                &cw.enc_h[i][..b * no],
-                no,
-                self.act,
-            );
+            let (pre, h) = (&cw.enc_pre[i][..b * np], &cw.enc_h[i][..b * no]);
+            act_back(&mut cw.da, &mut cw.db, pre, h, l.channels(), self.act);
+            let input: &[f32] = if i == 0 { x } else { &cw.enc_h[i - 1] };
             let dx = if i > 0 { Some(&mut cw.db[..]) } else { None };
-            l.backward(st.g, dx, &cw.da, th, b, &mut cw.enc_cw[i], par);
+            l.backward(st.g, dx, &cw.da, input, th, b, &mut cw.enc_cw[i], par);
             adam_range(adam, th, st, l.w, l.end());
             std::mem::swap(&mut cw.da, &mut cw.db);
         }
@@ -365,6 +360,7 @@ impl ConvNet {
     /// The decoder's transposed convolutions on `rows` rows of features `f` (rows, feat): the
     /// output (rows, H W C) into `out` without the output layer's bias, which `cw.ob` holds
     /// spread over the pixels for the likelihood pass.
+    #[allow(clippy::too_many_arguments)]
     pub fn dec_forward(
         &self,
         th: &[f32],
@@ -375,88 +371,55 @@ impl ConvNet {
         par: bool,
     ) {
         let n = self.dec.len();
-        let c = self.channels();
-        let dim = self.image.iter().product::<usize>();
         for (j, l) in self.dec.iter().enumerate() {
             let (prev, rest) = cw.dec_h.split_at_mut(j);
             let input: &[f32] = if j == 0 { f } else { &prev[j - 1] };
             if j + 1 == n {
-                let y: &mut [f32] = if c > 1 { &mut cw.on } else { &mut *out };
-                l.forward(
-                    y,
-                    input,
-                    th,
-                    &cw.zero[..l.n_bias()],
-                    rows,
-                    &mut cw.dec_cw[j],
-                    par,
-                );
+                l.forward(out, input, th, rows, &mut cw.dec_cw[j], par);
             } else {
                 let (_, np, no) = l.sizes();
                 let pre = &mut cw.dec_pre[j];
-                l.forward(
-                    pre,
-                    input,
-                    th,
-                    &th[l.b..l.end()],
-                    rows,
-                    &mut cw.dec_cw[j],
-                    par,
-                );
+                l.forward(pre, input, th, rows, &mut cw.dec_cw[j], par);
+                let bias = &th[l.b..l.end()];
                 act_fwd(
                     &mut pre[..rows * np],
                     &mut rest[0][..rows * no],
-                    &cw.zero,
-                    no,
+                    bias,
                     self.act,
                 );
             }
         }
-        if c > 1 {
-            // (rows, C, H W) -> (rows, H W, C).
-            conv::transpose(out, &cw.on, rows, c, dim / c, par);
-        }
-        let ol = self.out_layer();
+        let (ol, c) = (self.out_layer(), self.channels());
+        let dim = self.image.iter().product::<usize>();
         for (i, v) in cw.ob[..dim].iter_mut().enumerate() {
             *v = th[ol.b + i % c];
         }
     }
 
-    /// Back through the output layer from d(output) `d_out` (rows, H W C): its gradients into
-    /// `g`; d(its input) kept in `cw.da` for `dec_backward`.
+    /// Back through the output layer from d(output) `d_out` (rows, H W C), for its input `f`
+    /// (the decoder's features when it is the only layer): its gradients into `g`; d(its input)
+    /// kept in `cw.da` for `dec_backward`.
+    #[allow(clippy::too_many_arguments)]
     pub fn out_backward(
         &self,
         g: &mut [f32],
         th: &[f32],
         d_out: &[f32],
+        f: &[f32],
         cw: &mut ConvNetWork,
         rows: usize,
         par: bool,
     ) {
         let n = self.dec.len();
-        let c = self.channels();
-        let dim = self.image.iter().product::<usize>();
-        let dy: &[f32] = if c > 1 {
-            conv::transpose(&mut cw.on, d_out, rows, dim / c, c, par);
-            &cw.on
-        } else {
-            d_out
-        };
+        let input: &[f32] = if n == 1 { f } else { &cw.dec_h[n - 2] };
         let l = self.out_layer();
-        l.backward(
-            g,
-            Some(&mut cw.da[..]),
-            dy,
-            th,
-            rows,
-            &mut cw.dec_cw[n - 1],
-            par,
-        );
+        let dx = Some(&mut cw.da[..]);
+        l.backward(g, dx, d_out, input, th, rows, &mut cw.dec_cw[n - 1], par);
     }
 
     /// Back through the decoder's hidden transposed convolutions from `cw.da` (after
     /// `out_backward`), each layer's Adam step as its gradient is final: d(features) (rows,
-    /// feat) into `d`.
+    /// feat) into `d`. `f` is the decoder's features (the first layer's input).
     #[allow(clippy::too_many_arguments)]
     pub fn dec_backward(
         &self,
@@ -464,6 +427,7 @@ impl ConvNet {
         st: &mut Moments,
         adam: &Option<AdamStep>,
         cw: &mut ConvNetWork,
+        f: &[f32],
         d: &mut [f32],
         rows: usize,
         par: bool,
@@ -472,23 +436,11 @@ impl ConvNet {
         for j in (0..n - 1).rev() {
             let l = self.dec[j];
             let (_, np, no) = l.sizes();
-            act_back(
-                &mut cw.da,
-                &mut cw.db,
-                &cw.dec_pre[j][..rows * np],
-                &cw.dec_h[j][..rows * no],
-                no,
-                self.act,
-            );
-            l.backward(
-                st.g,
-                Some(&mut cw.db[..]),
-                &cw.da,
-                th,
-                rows,
-                &mut cw.dec_cw[j],
-                par,
-            );
+            let (pre, h) = (&cw.dec_pre[j][..rows * np], &cw.dec_h[j][..rows * no]);
+            act_back(&mut cw.da, &mut cw.db, pre, h, l.channels(), self.act);
+            let input: &[f32] = if j == 0 { f } else { &cw.dec_h[j - 1] };
+            let dx = Some(&mut cw.db[..]);
+            l.backward(st.g, dx, &cw.da, input, th, rows, &mut cw.dec_cw[j], par);
             adam_range(adam, th, st, l.w, l.end());
             std::mem::swap(&mut cw.da, &mut cw.db);
         }
@@ -496,30 +448,38 @@ impl ConvNet {
     }
 }
 
-/// h = act(a) on a product whose bias is already added (`zero` is zeros, as wide as a row's
-/// product); gated: h = a * sigmoid(gate) per image's [a | gate] halves of `n` each.
-fn act_fwd(pre: &mut [f32], h: &mut [f32], zero: &[f32], n: usize, act: Activation) {
+/// h = act(a + bias) per position row of the product `pre` (its width the bias's); gated:
+/// h = (a + b_a) * sigmoid(gate + b_g) of each row's [a | gate] halves.
+fn act_fwd(pre: &mut [f32], h: &mut [f32], bias: &[f32], act: Activation) {
+    let c = bias.len();
     if act == Activation::Gated {
-        linear::gated_forward(pre, h, &zero[..2 * n], n);
+        linear::gated_forward(pre, h, bias, c / 2);
     } else {
-        linear::act_forward(pre, h, &zero[..n], n, act);
+        linear::act_forward(pre, h, bias, c, act);
     }
 }
 
-/// d(output) (rows, n) in `d` -> d(product) in `d` (`t` scratch): times act'(a), or the gated
-/// layer's [d a | d gate] (rows, 2n).
-fn act_back(d: &mut Vec<f32>, t: &mut Vec<f32>, pre: &[f32], h: &[f32], n: usize, act: Activation) {
-    let rows = h.len() / n;
+/// d(output) in `d` (h's length) -> d(product) in `d` (`t` scratch): times act'(a), or, for
+/// a gated layer of `ch` channels, [d a | d gate] per position row.
+fn act_back(
+    d: &mut Vec<f32>,
+    t: &mut Vec<f32>,
+    pre: &[f32],
+    h: &[f32],
+    ch: usize,
+    act: Activation,
+) {
+    let n = h.len();
     if act == Activation::Gated {
-        linear::gated_backward(&d[..rows * n], pre, &mut t[..rows * 2 * n], n);
+        linear::gated_backward(&d[..n], pre, &mut t[..2 * n], ch);
         std::mem::swap(d, t);
     } else {
-        linear::act_backward(&mut d[..rows * n], pre, h, act);
+        linear::act_backward(&mut d[..n], pre, h, act);
     }
 }
 
-/// A conv network's buffers: per layer its scratch, products and activations; the colour
-/// image and output NCHW; two gradient buffers; zeros; the output bias spread over the pixels.
+/// A conv network's buffers: per layer its patch rows, products and activations; two gradient
+/// buffers; the output bias spread over the pixels.
 pub struct ConvNetWork {
     enc_cw: Vec<ConvWork>,
     enc_pre: Vec<Vec<f32>>,
@@ -527,11 +487,8 @@ pub struct ConvNetWork {
     dec_cw: Vec<ConvWork>,
     dec_pre: Vec<Vec<f32>>,
     dec_h: Vec<Vec<f32>>,
-    xn: Vec<f32>,
-    on: Vec<f32>,
     da: Vec<f32>,
     db: Vec<f32>,
-    zero: Vec<f32>,
     pub ob: Vec<f32>,
 }
 
@@ -539,15 +496,10 @@ impl ConvNetWork {
     /// For `cap` images and `rows` sample rows.
     pub fn new(net: &ConvNet, cap: usize, rows: usize) -> Self {
         let dim: usize = net.image.iter().product();
-        let c = net.channels();
         let widest = net.widest().max(dim);
         let n = net.dec.len();
         ConvNetWork {
-            enc_cw: net
-                .enc
-                .iter()
-                .map(|l| ConvWork::new(l.g, l.c, cap))
-                .collect(),
+            enc_cw: net.enc.iter().map(|l| ConvWork::new(l.g, cap)).collect(),
             enc_pre: net
                 .enc
                 .iter()
@@ -558,11 +510,7 @@ impl ConvNetWork {
                 .iter()
                 .map(|l| vec![0.0; cap * l.sizes().2])
                 .collect(),
-            dec_cw: net
-                .dec
-                .iter()
-                .map(|l| ConvWork::new(l.g, l.c, rows))
-                .collect(),
+            dec_cw: net.dec.iter().map(|l| ConvWork::new(l.g, rows)).collect(),
             dec_pre: net.dec[..n - 1]
                 .iter()
                 .map(|l| vec![0.0; rows * l.sizes().1])
@@ -571,11 +519,8 @@ impl ConvNetWork {
                 .iter()
                 .map(|l| vec![0.0; rows * l.sizes().2])
                 .collect(),
-            xn: vec![0.0; if c > 1 { cap * dim } else { 0 }],
-            on: vec![0.0; if c > 1 { rows * dim } else { 0 }],
             da: vec![0.0; rows.max(cap) * widest],
             db: vec![0.0; rows.max(cap) * widest],
-            zero: vec![0.0; widest],
             ob: vec![0.0; dim],
         }
     }

@@ -1359,7 +1359,7 @@ impl Fused {
             _ => &w.dec_h[net.dec.len() - 1],
         };
         match (&net.conv, w.cv.as_mut()) {
-            (Some(c), Some(cw)) => c.out_backward(g, th, &w.d_out, cw, brows, true),
+            (Some(c), Some(cw)) => c.out_backward(g, th, &w.d_out, top, cw, brows, true),
             _ => linear::linear_backward(g, Some(&mut w.d1), top, &w.d_out, th, lo, brows, true),
         }
         // The output layer's Adam step (and the learned decoder log-variance's, stored after it)
@@ -1387,7 +1387,8 @@ impl Fused {
                 }
                 // A conv network's transposed convolutions, down to d(features) in d1.
                 if let (Some(c), Some(cw)) = (&net.conv, w.cv.as_mut()) {
-                    c.dec_backward(th, st, &adam, cw, &mut w.d1, brows, true);
+                    let f = &w.dec_h[net.dec.len() - 1];
+                    c.dec_backward(th, st, &adam, cw, f, &mut w.d1, brows, true);
                 }
                 // Decoder layers, last to first; d1 holds d(loss)/d(output of the layer).
                 let z_in: &[f32] = if compact { &w.zc } else { &w.zs[flows] };
@@ -1494,7 +1495,7 @@ impl Fused {
         );
         // A conv network: on through its convolutions from d(features) in d1.
         if let (Some(c), Some(cw)) = (&net.conv, w.cv.as_mut()) {
-            c.enc_backward(th, &mut st, &adam, cw, &w.d1, b, true);
+            c.enc_backward(th, &mut st, &adam, cw, &w.x, &w.d1, b, true);
         }
         self.theta = theta;
         (recon, kl)
