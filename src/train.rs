@@ -824,7 +824,27 @@ fn check_memory(cfg: &Config, dim: usize) -> Result<()> {
         cfg.train.batch_size as u128 * cfg.train.mc_samples.max(cfg.train.iw_samples) as u128;
     // Per image: input, pre-activations and activations, heads; per sample row: z's, decoder
     // activations, output and its gradient, two scratch rows, the prior's responsibilities.
-    let per_batch = b * (d + 2 * wide * hidden + 6 * z)
+    // A conv network: per layer its product, output and input (and their gradients' scratch),
+    // and its patch rows and their gradient, per image in the encoder and per sample row in the
+    // decoder.
+    let conv: u128 = match (m.arch, m.image) {
+        (Arch::Conv, Some(image)) => m
+            .conv_layers(image)
+            .map(|ls| {
+                ls.iter()
+                    .map(|l| {
+                        let out = l.out_size() as u128;
+                        let inp = (l.c_in * l.h * l.w) as u128;
+                        let patches = ((l.h / l.s) * (l.w / l.s) * l.c_in * l.k * l.k) as u128;
+                        (wide + 1) * (out + inp) + 2 * wide * patches
+                    })
+                    .sum()
+            })
+            .unwrap_or(0),
+        _ => 0,
+    };
+    let per_batch = (b + rows) * conv
+        + b * (d + 2 * wide * hidden + 6 * z)
         + rows
             * (z * (m.flows as u128 + 4)
                 + 2 * wide * hidden
@@ -842,6 +862,9 @@ fn check_memory(cfg: &Config, dim: usize) -> Result<()> {
         } else {
             "model.hidden"
         }
+    } else if 2 * (b + rows) * conv > per_batch {
+        // The convolutions' activations and patch rows fill the batch buffers.
+        "model.conv"
     } else if 4 * wide * hidden > d + 6 * z + 2 * d {
         // The widths, not the batch, make the batch buffers large: each row holds them.
         "model.hidden"

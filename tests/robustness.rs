@@ -337,6 +337,19 @@ fn sizes_too_large_for_memory_are_refused_by_key() {
         ]),
         "key `model.hidden`: this model needs",
     );
+    // So do a conv network's activations and patch rows (a few parameters, wide activations).
+    fails(
+        t.path(),
+        &tiny_args(&[
+            "--set",
+            "model.arch=\"conv\"",
+            "--set",
+            "model.conv=[[100000, 2, 2]]",
+            "--set",
+            "model.hidden=[1]",
+        ]),
+        "key `model.conv`: this model needs",
+    );
 }
 
 /// Usage errors: one line with clap's tip kept, the same range message however a negative number

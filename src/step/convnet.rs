@@ -19,8 +19,8 @@ use super::conv::{self, ConvWork, Geom};
 use super::linear;
 use crate::config::{Activation, ModelConfig};
 
-/// One convolution (encoder) or transposed convolution (decoder, `t`) in `theta`, W (c, g.c k k)
-/// row-major then its bias. `g` is the image side's geometry: the input's for a convolution, the
+/// One convolution (encoder) or transposed convolution (decoder, `t`) in `theta`, W (c, k k g.c)
+/// row-major (a row's patch is (ky, kx, channel)) then its bias. `g` is the image side's geometry: the input's for a convolution, the
 /// output's for a transposed one. `c` is the grid side's channels: a convolution's outputs, a
 /// transposed one's inputs. The product's output channels (`c`, or `g.c` when transposed) are
 /// twice the layer's with a gate: [a | gate], the gate's weights after a's in each row.
