@@ -101,15 +101,11 @@ impl Engine {
         dev: &Device,
     ) -> Result<Self> {
         let cpu = matches!(dev, Device::Cpu);
-        let why_not = crate::step::unsupported(&cfg.model);
         let fused = match cfg.train.engine {
-            EngineKind::Auto => cpu && why_not.is_none(),
+            EngineKind::Auto => cpu,
             EngineKind::Fused => {
                 if !cpu {
                     bail!("key `train.engine`: \"fused\" runs on the CPU only; use \"auto\" or --device cpu");
-                }
-                if let Some(why) = why_not {
-                    bail!("key `train.engine`: \"fused\" cannot build this model: {why}");
                 }
                 true
             }

@@ -245,8 +245,7 @@ pub fn run_eval(
     let (run_dir, state) = (&l.dir, Some(&l.state));
     let iw_value = if iw > 0 {
         let t0 = std::time::Instant::now();
-        let v = if matches!(l.dev, Device::Cpu) && crate::step::unsupported(&l.cfg.model).is_none()
-        {
+        let v = if matches!(l.dev, Device::Cpu) {
             // The fused forward, one worker per group of images.
             let px = test_pixels(&l.cfg, &test);
             let bar = progress_bar(test.n as u64, "IW estimate");
@@ -262,7 +261,7 @@ pub fn run_eval(
             bar.finish_and_clear();
             crate::step::iw::mean_and_se(&per)
         } else {
-            // candle's forward: on a GPU, or a model the fused step does not build.
+            // candle's forward, on a GPU.
             crate::step::iw::mean_and_se(&iw_nll(&l.model, &x, iw, l.cfg.seed)?)
         };
         eprintln!(

@@ -543,6 +543,17 @@ fn conv_network_trains_resumes_evaluates_and_draws() {
     let run = fused_as_autograd(a.path(), &args);
     let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(cfg.contains("arch = \"conv\""), "{cfg}");
+    // The VampPrior too: its pseudo-inputs go through the convolutions on the fused step.
+    let v = tempfile::tempdir().unwrap();
+    let mut vamp = conv.to_vec();
+    vamp.extend([
+        "--set",
+        "model.prior=vamp",
+        "--set",
+        "model.prior_components=5",
+    ]);
+    vamp.extend(["--set", "train.epochs=1"]);
+    fused_as_autograd(v.path(), &vamp);
     // PyTorch's layouts: Conv2d (out, in, k, k), ConvTranspose2d (in, out, k, k), 28 -> 14 -> 7.
     // The checkpoint's safetensors header: 8 bytes of length, then JSON.
     let st = std::fs::read(run.join("model.safetensors")).unwrap();

@@ -330,14 +330,15 @@ impl ConvNet {
     }
 
     /// Back through the encoder's convolutions from d(features) `d` (b, feat), for the images
-    /// `x`: each layer's gradients into `st.g` and its Adam step. The first layer's input needs
-    /// no gradient.
+    /// `x`: each layer's gradients into `st.g`, the VampPrior's share (`pseudo`) added, and its
+    /// Adam step. The first layer's input needs no gradient.
     #[allow(clippy::too_many_arguments)]
-    pub fn enc_backward(
+    pub(crate) fn enc_backward(
         &self,
         th: &mut [f32],
         st: &mut Moments,
         adam: &Option<AdamStep>,
+        pseudo: &Option<super::PseudoWork>,
         cw: &mut ConvNetWork,
         x: &[f32],
         d: &[f32],
@@ -345,16 +346,56 @@ impl ConvNet {
         par: bool,
     ) {
         cw.da[..b * self.feat].copy_from_slice(&d[..b * self.feat]);
-        for (i, l) in self.enc.iter().enumerate().rev() {
-            let (_, np, no) = l.sizes();
-            let (pre, h) = (&cw.enc_pre[i][..b * np], &cw.enc_h[i][..b * no]);
-            act_back(&mut cw.da, &mut cw.db, pre, h, l.channels(), self.act);
-            let input: &[f32] = if i == 0 { x } else { &cw.enc_h[i - 1] };
-            let dx = if i > 0 { Some(&mut cw.db[..]) } else { None };
-            l.backward(st.g, dx, &cw.da, input, th, b, &mut cw.enc_cw[i], par);
+        for i in (0..self.enc.len()).rev() {
+            self.enc_layer_backward(i, st.g, th, cw, x, b, i > 0, par);
+            let l = self.enc[i];
+            super::add_pseudo_grad(pseudo, st.g, l.w, l.end());
             adam_range(adam, th, st, l.w, l.end());
-            std::mem::swap(&mut cw.da, &mut cw.db);
         }
+    }
+
+    /// The VampPrior's pass back through the convolutions at its pseudo-inputs `x` (k images)
+    /// from d(features) `d`: the layers' gradients into `g` (added to the data's before their
+    /// Adam steps), and d(x) left for `ConvNetWork::input_grad`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pseudo_backward(
+        &self,
+        th: &[f32],
+        g: &mut [f32],
+        cw: &mut ConvNetWork,
+        x: &[f32],
+        d: &[f32],
+        k: usize,
+        par: bool,
+    ) {
+        cw.da[..k * self.feat].copy_from_slice(&d[..k * self.feat]);
+        for i in (0..self.enc.len()).rev() {
+            self.enc_layer_backward(i, g, th, cw, x, k, true, par);
+        }
+    }
+
+    /// Encoder layer `i`'s backward from d(its output) in `cw.da`: its gradients into `g`, and
+    /// d(its input) into `cw.da` when `want_dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn enc_layer_backward(
+        &self,
+        i: usize,
+        g: &mut [f32],
+        th: &[f32],
+        cw: &mut ConvNetWork,
+        x: &[f32],
+        b: usize,
+        want_dx: bool,
+        par: bool,
+    ) {
+        let l = self.enc[i];
+        let (_, np, no) = l.sizes();
+        let (pre, h) = (&cw.enc_pre[i][..b * np], &cw.enc_h[i][..b * no]);
+        act_back(&mut cw.da, &mut cw.db, pre, h, l.channels(), self.act);
+        let input: &[f32] = if i == 0 { x } else { &cw.enc_h[i - 1] };
+        let dx = if want_dx { Some(&mut cw.db[..]) } else { None };
+        l.backward(g, dx, &cw.da, input, th, b, &mut cw.enc_cw[i], par);
+        std::mem::swap(&mut cw.da, &mut cw.db);
     }
 
     /// The decoder's transposed convolutions on `rows` rows of features `f` (rows, feat): the
@@ -493,6 +534,11 @@ pub struct ConvNetWork {
 }
 
 impl ConvNetWork {
+    /// The first `n` values of d(input) after `ConvNet::pseudo_backward`.
+    pub fn input_grad(&self, n: usize) -> &[f32] {
+        &self.da[..n]
+    }
+
     /// For `cap` images and `rows` sample rows.
     pub fn new(net: &ConvNet, cap: usize, rows: usize) -> Self {
         let dim: usize = net.image.iter().product();

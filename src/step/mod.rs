@@ -285,7 +285,15 @@ impl Net {
         for (x, u) in pw.x.iter_mut().zip(&th[off..off + k * d]) {
             *x = u.clamp(0.0, 1.0);
         }
-        linear::mlp_forward(layers, &pw.x, &mut pw.enc_a, &mut pw.enc_h, th, k, act, par);
+        // A conv network's pseudo-inputs are images: through its convolutions first.
+        let xin: &[f32] = match (&self.conv, pw.cv.as_mut()) {
+            (Some(c), Some(cw)) if self.hvae.is_none() => {
+                c.enc_forward(th, &pw.x, cw, k, par);
+                c.features(cw, k)
+            }
+            _ => &pw.x,
+        };
+        linear::mlp_forward(layers, xin, &mut pw.enc_a, &mut pw.enc_h, th, k, act, par);
         let top = &pw.enc_h[layers.len() - 1];
         linear::linear_forward(&mut pw.hd, top, th, head, k, par);
         let (hc, hb) = (head.n_out, &th[head.b..head.end()]);
@@ -330,8 +338,16 @@ impl Net {
             k,
             par,
         );
+        let conv = match (&self.conv, &pw.cv) {
+            (Some(c), Some(cw)) if self.hvae.is_none() => Some((c, cw)),
+            _ => None,
+        };
         for (i, l) in layers.iter().enumerate().rev() {
-            let input: &[f32] = if i == 0 { &pw.x } else { &pw.enc_h[i - 1] };
+            let input: &[f32] = match (i, conv) {
+                (0, Some((c, cw))) => c.features(cw, k),
+                (0, None) => &pw.x,
+                _ => &pw.enc_h[i - 1],
+            };
             linear::layer_backward(
                 &mut pw.grad,
                 true,
@@ -345,8 +361,16 @@ impl Net {
                 par,
             );
         }
+        // A conv network: on through its convolutions to the pseudo-inputs' gradient.
+        let dx: &[f32] = match (&self.conv, pw.cv.as_mut()) {
+            (Some(c), Some(cw)) if self.hvae.is_none() => {
+                c.pseudo_backward(th, &mut pw.grad, cw, &pw.x, &pw.d1, k, par);
+                cw.input_grad(k * d)
+            }
+            _ => &pw.d1,
+        };
         let off = self.vamp.unwrap_or(0);
-        for (i, (gv, dx)) in g[off..off + k * d].iter_mut().zip(&pw.d1).enumerate() {
+        for (i, (gv, dx)) in g[off..off + k * d].iter_mut().zip(dx).enumerate() {
             let u = th[off + i];
             *gv = if (0.0..=1.0).contains(&u) { *dx } else { 0.0 };
         }
@@ -926,7 +950,7 @@ struct PriorWork {
 /// pre-activations and activations, the head's output (K, Hc, bias added), the components'
 /// means and clipped log-variances (K, Z) and their gradients, the head's gradient, two scratch
 /// buffers, and the encoder's and head's share of the parameter gradient (up to the head's end).
-struct PseudoWork {
+pub(crate) struct PseudoWork {
     x: Vec<f32>,
     enc_a: Vec<Vec<f32>>,
     enc_h: Vec<Vec<f32>>,
@@ -939,6 +963,8 @@ struct PseudoWork {
     d1: Vec<f32>,
     d2: Vec<f32>,
     grad: Vec<f32>,
+    /// A conv network's buffers for the pseudo-inputs' pass through its convolutions.
+    cv: Option<convnet::ConvNetWork>,
 }
 
 impl Work {
@@ -1023,6 +1049,7 @@ impl Work {
                         .iter()
                         .map(|l| l.n_out)
                         .chain([head.n_out, dim])
+                        .chain(net.conv.as_ref().map(|c| c.feat))
                         .max()
                         .unwrap_or(dim);
                     let out_w = |l: &Lin| linear::out_width(*l, cfg.activation);
@@ -1039,6 +1066,10 @@ impl Work {
                         d1: vec![0.0; k * wd],
                         d2: vec![0.0; k * wd],
                         grad: vec![0.0; head.end()],
+                        cv: net
+                            .conv
+                            .as_ref()
+                            .map(|c| convnet::ConvNetWork::new(c, k, 0)),
                     }
                 }),
             },
@@ -1061,20 +1092,8 @@ impl Work {
     }
 }
 
-/// What the fused step does not build (so `engine = "auto"` takes candle's autograd for it),
-/// as the key and why; None for every other model.
-pub fn unsupported(m: &ModelConfig) -> Option<String> {
-    (m.arch == crate::config::Arch::Conv && m.prior == Prior::Vamp).then(|| {
-        "key `model.prior`: the fused step has no VampPrior for a conv network yet (its pseudo-inputs would run through the convolutions); use train.engine = \"autograd\" or another prior".to_string()
-    })
-}
-
-/// Errors unless the fused step builds this model (`unsupported`), and for a conv network
-/// unless its layers fit the image.
+/// For a conv network, errors unless its layers fit the image it is built for.
 fn check_supported(m: &ModelConfig) -> Result<()> {
-    if let Some(why) = unsupported(m) {
-        bail!("{why}");
-    }
     if m.arch == crate::config::Arch::Conv {
         m.conv_layers(m.image_shape()?)?;
     }
@@ -1495,7 +1514,7 @@ impl Fused {
         );
         // A conv network: on through its convolutions from d(features) in d1.
         if let (Some(c), Some(cw)) = (&net.conv, w.cv.as_mut()) {
-            c.enc_backward(th, &mut st, &adam, cw, &w.x, &w.d1, b, true);
+            c.enc_backward(th, &mut st, &adam, pseudo, cw, &w.x, &w.d1, b, true);
         }
         self.theta = theta;
         (recon, kl)

@@ -217,6 +217,26 @@ fn conv_network_every_activation_objective_and_prior() {
         ..colour()
     });
     check_with(grey(), 1, 1, 1.0, true);
+    // The VampPrior: its pseudo-inputs are images through the convolutions.
+    for act in [Activation::Relu, Activation::Gated] {
+        check(ModelConfig {
+            prior: Prior::Vamp,
+            prior_components: 3,
+            activation: act,
+            ..grey()
+        });
+    }
+    check_with(
+        ModelConfig {
+            prior: Prior::Vamp,
+            prior_components: 2,
+            ..colour()
+        },
+        1,
+        3,
+        1.0,
+        false,
+    );
 }
 
 fn small(hidden: Vec<usize>, latent: usize) -> ModelConfig {
