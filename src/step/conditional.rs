@@ -13,8 +13,92 @@
 //! image-major as everywhere in the step; `hd` is (rows, Hc) with mu in columns [0, Z) and the raw
 //! logvar in [Z, 2Z).
 
+use super::adam::{adam_range, AdamStep, Moments};
 use super::latent::Dims;
+use super::linear::{self, Lin};
 use super::math::{exp_f32, simd};
+use crate::config::Activation;
+
+/// The network of p(z1|z2): its MLP's layers on z2 and the [mu | logvar] head on their top,
+/// the same in both wirings (the chain's `Upper::dec`, the hvae's `Hvae::p1`).
+#[derive(Debug, Clone, Copy)]
+pub struct Net<'a> {
+    pub layers: &'a [Lin],
+    pub head: Lin,
+    pub act: Activation,
+}
+
+/// p(z1|z2)'s forward buffers: the MLP's pre-activations and activations, the head's output
+/// (rows, 2Z1) and e^-logvar (rows, Z1).
+pub struct NetWork<'a> {
+    pub pre: &'a mut [Vec<f32>],
+    pub out: &'a mut [Vec<f32>],
+    pub hd: &'a mut [f32],
+    pub inv: &'a mut [f32],
+}
+
+/// The forward's buffers as the backward reads them: pre-activations, activations, head, e^-lv.
+type Kept<'a> = (&'a [Vec<f32>], &'a [Vec<f32>], &'a [f32], &'a [f32]);
+
+impl Net<'_> {
+    /// The MLP on `z2` (rows, Z2), the head, and -log p(z1|z2) at `z1` added to `lq`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        th: &[f32],
+        z2: &[f32],
+        z1: &[f32],
+        w: NetWork,
+        lq: &mut [f32],
+        par: bool,
+        d: Dims,
+    ) {
+        let rows = d.b;
+        linear::mlp_forward(self.layers, z2, w.pre, w.out, th, rows, self.act, par);
+        let top = &w.out[self.layers.len() - 1];
+        linear::linear_forward(w.hd, top, th, self.head, rows, par);
+        let hb = &th[self.head.b..self.head.end()];
+        density_forward(w.hd, hb, z1, w.inv, lq, d);
+    }
+
+    /// Back from the per-row weights `cq`: d/dz1 added into `dz1`, the head's and the MLP's
+    /// gradients and Adam steps, and d/dz2 (rows, Z2) left in `s.0`. `d_hd` (rows, 2Z1) and `s`
+    /// are scratch; `pre`, `out`, `hd`, `inv` are the forward's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        th: &mut [f32],
+        st: &mut Moments,
+        adam: &Option<AdamStep>,
+        (z2, z1, cq): (&[f32], &[f32], &[f32]),
+        (pre, out, hd, inv): Kept,
+        d_hd: &mut [f32],
+        s: (&mut Vec<f32>, &mut Vec<f32>),
+        dz1: &mut [f32],
+        par: bool,
+        d: Dims,
+    ) {
+        let rows = d.b;
+        density_backward(d_hd, hd, inv, z1, cq, dz1, d);
+        let top = &out[self.layers.len() - 1];
+        let l = self.head;
+        linear::linear_backward(st.g, Some(&mut *s.0), top, d_hd, th, l, rows, par);
+        adam_range(adam, th, st, l.w, l.end());
+        let shape = (rows, self.act, par);
+        super::mlp_backward(
+            self.layers,
+            z2,
+            (pre, out),
+            s,
+            th,
+            st,
+            adam,
+            shape,
+            true,
+            &None,
+        );
+    }
+}
 
 /// Forward. Adds the head bias `hb` (2Z) to every row of `hd`, writes each row's e^-logvar
 /// (logvar clipped as `d` says) into `inv` (rows, Z), and adds -log p(z1|z2) to `lq` (rows).

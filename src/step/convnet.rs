@@ -258,11 +258,6 @@ impl ConvNet {
         self.dec = layers;
     }
 
-    /// Where the output layer's parameters start (everything after is the output side's).
-    pub fn out_start(&self) -> usize {
-        self.dec.last().map_or(0, |l| l.w)
-    }
-
     pub fn out_layer(&self) -> CLayer {
         self.dec[self.dec.len() - 1]
     }

@@ -57,6 +57,15 @@ pub fn tops(h: &[usize]) -> (usize, usize) {
 }
 
 impl Hvae {
+    /// p(z1|z2)'s network.
+    fn p1_net(&self, act: Activation) -> conditional::Net<'_> {
+        conditional::Net {
+            layers: &self.p1,
+            head: self.p1head,
+            act,
+        }
+    }
+
     /// Lays out the layers beyond `Net`'s own from `size` on, for `cfg` (two layers, hvae) and
     /// inputs of `dim` values. The widths are the candle model's (`model::param_specs`).
     pub fn alloc(size: &mut usize, cfg: &ModelConfig, dim: usize) -> Self {
@@ -212,20 +221,14 @@ impl Hvae {
             *l += q1;
         }
         // p(z1|z2) scored at z1, and the prior at z2.
-        linear::mlp_forward(
-            &self.p1,
-            &hw.z2,
-            &mut hw.p1_a,
-            &mut hw.p1_h,
-            th,
-            rows,
-            act,
-            par,
-        );
-        let top = &hw.p1_h[self.p1.len() - 1];
-        linear::linear_forward(&mut hw.phd, top, th, self.p1head, rows, par);
-        let hb = &th[self.p1head.b..self.p1head.end()];
-        conditional::density_forward(&mut hw.phd, hb, &w.zs[0], &mut hw.inv, &mut w.lq, d1);
+        let pw = conditional::NetWork {
+            pre: &mut hw.p1_a,
+            out: &mut hw.p1_h,
+            hd: &mut hw.phd,
+            inv: &mut hw.inv,
+        };
+        self.p1_net(act)
+            .forward(th, &hw.z2, &w.zs[0], pw, &mut w.lq, par, d1);
         net.prior_forward(th, &hw.z2[..rows * z2], &mut w.pr, &mut w.lq[..rows], par);
         // p(x|z1, z2): [h'(z1) | g'(z2)] through the joint layers to the output layer.
         linear::mlp_forward(
@@ -323,13 +326,20 @@ impl Hvae {
             hc: 2 * z1,
             ..d
         };
-        conditional::density_backward(&mut hw.d_hd, &hw.phd, &hw.inv, z1s, cq, &mut hw.dz1, dz1d);
-        let top = &hw.p1_h[self.p1.len() - 1];
-        let l = self.p1head;
-        linear::linear_backward(st.g, Some(&mut hw.s1), top, &hw.d_hd, th, l, rows, par);
-        step(th, st, l);
-        let (acts, ds) = ((&hw.p1_a[..], &hw.p1_h[..]), (&mut hw.s1, &mut hw.s2));
-        mlp_backward(&self.p1, &hw.z2, acts, ds, th, st, adam, shape, true, &None);
+        let fwd = (&hw.p1_a[..], &hw.p1_h[..], &hw.phd[..], &hw.inv[..]);
+        let (sc, zs) = ((&mut hw.s1, &mut hw.s2), (&hw.z2[..], &z1s[..], cq));
+        self.p1_net(act).backward(
+            th,
+            st,
+            adam,
+            zs,
+            fwd,
+            &mut hw.d_hd,
+            sc,
+            &mut hw.dz1,
+            par,
+            dz1d,
+        );
         add(&mut hw.dz2, &hw.s1, rows * z2);
         // The prior at z2.
         net.prior_backward(th, st, adam, &hw.z2[..rows * z2], cq, &mut hw.dz2, pr, par);

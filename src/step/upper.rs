@@ -121,26 +121,23 @@ impl Upper {
         for (l, q2) in lq[..rows].iter_mut().zip(&w.lq2) {
             *l += q2;
         }
-        linear::mlp_forward(
-            &self.dec,
-            &w.z2,
-            &mut w.dec_a,
-            &mut w.dec_h,
-            th,
-            rows,
-            act,
-            par,
-        );
-        let top = &w.dec_h[self.dec.len() - 1];
-        linear::linear_forward(&mut w.phd, top, th, self.phead, rows, par);
-        conditional::density_forward(
-            &mut w.phd,
-            &th[self.phead.b..self.phead.end()],
-            z1,
-            &mut w.inv,
-            lq,
-            self.dims(rows, self.z1),
-        );
+        let pw = conditional::NetWork {
+            pre: &mut w.dec_a,
+            out: &mut w.dec_h,
+            hd: &mut w.phd,
+            inv: &mut w.inv,
+        };
+        let d = self.dims(rows, self.z1);
+        self.p_net().forward(th, &w.z2, z1, pw, lq, par, d);
+    }
+
+    /// p(z1|z2)'s network.
+    fn p_net(&self) -> conditional::Net<'_> {
+        conditional::Net {
+            layers: &self.dec,
+            head: self.phead,
+            act: self.act,
+        }
     }
 
     /// Back through p(z1|z2) for per-row weights `cq` on log q - log p: adds its d/dz1 into
@@ -158,16 +155,11 @@ impl Upper {
         dz1: &mut [f32],
         rows: usize,
     ) {
-        let (act, par) = (self.act, w.par);
         let d = self.dims(rows, self.z1);
-        conditional::density_backward(&mut w.d_hd, &w.phd, &w.inv, z1, cq, dz1, d);
-        let top = &w.dec_h[self.dec.len() - 1];
-        let l = self.phead;
-        linear::linear_backward(st.g, Some(&mut w.s1), top, &w.d_hd, th, l, rows, par);
-        adam_range(adam, th, st, l.w, l.end());
-        let (acts, d) = ((&w.dec_a[..], &w.dec_h[..]), (&mut w.s1, &mut w.s2));
-        let shape = (rows, act, par);
-        mlp_backward(&self.dec, &w.z2, acts, d, th, st, adam, shape, true, &None);
+        let fwd = (&w.dec_a[..], &w.dec_h[..], &w.phd[..], &w.inv[..]);
+        let (s, zs) = ((&mut w.s1, &mut w.s2), (&w.z2[..], z1, cq));
+        self.p_net()
+            .backward(th, st, adam, zs, fwd, &mut w.d_hd, s, dz1, w.par, d);
         let n = rows * self.z2;
         w.dz2[..n].copy_from_slice(&w.s1[..n]);
     }
