@@ -17,7 +17,7 @@
 //! Biases: `conv_forward` / `convt_forward` add one when given (the tests); the network leaves it
 //! to the activation pass, which adds a bias anyway.
 
-use super::math::matmul;
+use super::math::{self, lane_sum, matmul};
 
 /// A convolution's geometry on the image side: `c` channels of `h` x `w`, a `k` x `k` kernel at
 /// stride `s` with `p` zeros of padding, giving an `ho` x `wo` grid of positions.
@@ -84,12 +84,53 @@ fn inside(x0: isize, k: usize, w: usize) -> (usize, usize) {
     (lo, hi)
 }
 
+/// One past the last output column whose kernel ends inside the row: ox s - p + k <= w.
+fn inner_end(g: Geom) -> usize {
+    if g.w + g.p >= g.k {
+        (g.w + g.p - g.k) / g.s + 1
+    } else {
+        0
+    }
+}
+
+/// `dst` += `src`, in 8-value pieces (the runs are short: no call per run).
+#[inline(always)]
+fn add_run(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len().min(src.len());
+    let (mut d8, mut s8) = (dst[..n].chunks_exact_mut(8), src[..n].chunks_exact(8));
+    for (d, s) in (&mut d8).zip(&mut s8) {
+        for i in 0..8 {
+            d[i] += s[i];
+        }
+    }
+    for (d, s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+        *d += *s;
+    }
+}
+
 /// Patches of `b` NHWC images `x` (b, h, w, c) as rows `r` (b ho wo, k k c): row (img, oy, ox),
 /// column (ky, kx, ci); zeros where the kernel hangs over the padding. Each kernel row is one
 /// copy of the (kx, ci) values under it, contiguous in the image.
 pub fn im2row(r: &mut [f32], x: &[f32], g: Geom, b: usize, par: bool) {
+    // Runs of k c values: a one-channel 4x4 kernel's as fixed 4-value moves (a call to memcpy
+    // or memset per run would cost more than the run).
+    match g.k * g.c {
+        4 => im2row_n::<4>(r, x, g, b, par),
+        9 => im2row_n::<9>(r, x, g, b, par),
+        12 => im2row_n::<12>(r, x, g, b, par),
+        16 => im2row_n::<16>(r, x, g, b, par),
+        _ => im2row_n::<0>(r, x, g, b, par),
+    }
+}
+
+/// `im2row` with runs of `KC` = k c values, or any length when `KC` is 0.
+fn im2row_n<const KC: usize>(r: &mut [f32], x: &[f32], g: Geom, b: usize, par: bool) {
     let (pr, k, c) = (g.patch(), g.k, g.c);
+    let kc = if KC == 0 { k * c } else { KC };
     let img_len = g.h * g.w * c;
+    // The output columns whose kernel lies inside the row: ox in [in_lo, in_hi).
+    let in_lo = g.p.div_ceil(g.s).min(g.wo);
+    let in_hi = inner_end(g).clamp(in_lo, g.wo);
     per_images(r, g.positions() * pr, b, par, |r, i0, n| {
         for img in 0..n {
             let xi = &x[(i0 + img) * img_len..][..img_len];
@@ -97,19 +138,21 @@ pub fn im2row(r: &mut [f32], x: &[f32], g: Geom, b: usize, par: bool) {
                 for ox in 0..g.wo {
                     let row = &mut r[((img * g.ho + oy) * g.wo + ox) * pr..][..pr];
                     let x0 = (ox * g.s) as isize - g.p as isize;
-                    let (lo, hi) = inside(x0, k, g.w);
-                    for ky in 0..k {
-                        let dst = &mut row[ky * k * c..][..k * c];
+                    let inner = (in_lo..in_hi).contains(&ox);
+                    for (ky, dst) in row.chunks_exact_mut(kc).enumerate() {
                         let y = (oy * g.s + ky) as isize - g.p as isize;
-                        if y < 0 || y >= g.h as isize || lo == hi {
+                        if y < 0 || y >= g.h as isize {
                             dst.fill(0.0);
-                            continue;
+                        } else if inner {
+                            let at = (y as usize * g.w) as isize + x0;
+                            dst.copy_from_slice(&xi[at as usize * c..][..kc]);
+                        } else {
+                            let (lo, hi) = inside(x0, k, g.w);
+                            dst.fill(0.0);
+                            let at = (y as usize * g.w) as isize + x0 + lo as isize;
+                            let n = (hi - lo) * c;
+                            dst[lo * c..][..n].copy_from_slice(&xi[at as usize * c..][..n]);
                         }
-                        let at = (y as usize * g.w) as isize + x0;
-                        let src = ((at + lo as isize) as usize) * c;
-                        dst[..lo * c].fill(0.0);
-                        dst[hi * c..].fill(0.0);
-                        dst[lo * c..hi * c].copy_from_slice(&xi[src..src + (hi - lo) * c]);
                     }
                 }
             }
@@ -120,8 +163,22 @@ pub fn im2row(r: &mut [f32], x: &[f32], g: Geom, b: usize, par: bool) {
 /// The adjoint of `im2row`: each patch row of `r` added back into the NHWC images `x`
 /// (b, h, w, c), which it overwrites first.
 pub fn row2im(x: &mut [f32], r: &[f32], g: Geom, b: usize, par: bool) {
+    match g.k * g.c {
+        4 => row2im_n::<4>(x, r, g, b, par),
+        9 => row2im_n::<9>(x, r, g, b, par),
+        12 => row2im_n::<12>(x, r, g, b, par),
+        16 => row2im_n::<16>(x, r, g, b, par),
+        _ => row2im_n::<0>(x, r, g, b, par),
+    }
+}
+
+/// `row2im` with runs of `KC` = k c values, or any length when `KC` is 0.
+fn row2im_n<const KC: usize>(x: &mut [f32], r: &[f32], g: Geom, b: usize, par: bool) {
     let (pr, k, c) = (g.patch(), g.k, g.c);
+    let kc = if KC == 0 { k * c } else { KC };
     let img_len = g.h * g.w * c;
+    let in_lo = g.p.div_ceil(g.s).min(g.wo);
+    let in_hi = inner_end(g).clamp(in_lo, g.wo);
     per_images(x, img_len, b, par, |x, i0, n| {
         x.fill(0.0);
         for img in 0..n {
@@ -130,19 +187,20 @@ pub fn row2im(x: &mut [f32], r: &[f32], g: Geom, b: usize, par: bool) {
                 for ox in 0..g.wo {
                     let row = &r[(((i0 + img) * g.ho + oy) * g.wo + ox) * pr..][..pr];
                     let x0 = (ox * g.s) as isize - g.p as isize;
-                    let (lo, hi) = inside(x0, k, g.w);
-                    if lo == hi {
-                        continue;
-                    }
-                    for ky in 0..k {
+                    let inner = (in_lo..in_hi).contains(&ox);
+                    for (ky, src) in row.chunks_exact(kc).enumerate() {
                         let y = (oy * g.s + ky) as isize - g.p as isize;
                         if y < 0 || y >= g.h as isize {
                             continue;
                         }
-                        let src = &row[(ky * k + lo) * c..(ky * k + hi) * c];
-                        let at = ((y as usize * g.w) as isize + x0 + lo as isize) as usize * c;
-                        for (d, v) in xi[at..at + src.len()].iter_mut().zip(src) {
-                            *d += v;
+                        if inner {
+                            let at = ((y as usize * g.w) as isize + x0) as usize * c;
+                            add_run(&mut xi[at..][..kc], src);
+                        } else {
+                            let (lo, hi) = inside(x0, k, g.w);
+                            let at = (y as usize * g.w) as isize + x0 + lo as isize;
+                            let n = (hi - lo) * c;
+                            add_run(&mut xi[at as usize * c..][..n], &src[lo * c..][..n]);
                         }
                     }
                 }
@@ -161,14 +219,25 @@ fn add_bias(y: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Column sums of `d` (rows, c) into `gb` (c).
-fn col_sums(gb: &mut [f32], d: &[f32]) {
+/// Column sums of `d` (rows, c) into `gb` (c): a one-channel layer's as one lane sum, the
+/// rows in two halves on both workers with `par`.
+fn col_sums(gb: &mut [f32], d: &[f32], par: bool) {
     let c = gb.len();
-    gb.fill(0.0);
-    for row in d.chunks_exact(c) {
-        for (a, v) in gb.iter_mut().zip(row) {
-            *a += v;
+    let rows = d.len() / c;
+    if c == 1 {
+        gb[0] = lane_sum(d);
+    } else if par && rows >= 2 {
+        let h = rows / 2 * c;
+        let mut other = vec![0.0; c];
+        rayon::join(
+            || math::col_sums(gb, &d[..h], c),
+            || math::col_sums(&mut other, &d[h..], c),
+        );
+        for (a, o) in gb.iter_mut().zip(&other) {
+            *a += o;
         }
+    } else {
+        math::col_sums(gb, d, c);
     }
 }
 
@@ -229,7 +298,7 @@ pub fn conv_backward(
     let (m, pr) = (b * g.positions(), g.patch());
     let dy = &dy[..m * c_out];
     matmul(gw, dy, &cw.rows, (c_out, pr, m), true, false, par);
-    col_sums(&mut gb[..c_out], dy);
+    col_sums(&mut gb[..c_out], dy, par);
     if let Some(dx) = dx {
         matmul(&mut cw.d_rows, dy, wt, (m, pr, c_out), false, false, par);
         row2im(dx, &cw.d_rows, g, b, par);
@@ -280,7 +349,7 @@ pub fn convt_backward(
     im2row(&mut cw.d_rows, dy, g, b, par);
     let dr = &cw.d_rows[..m * pr];
     matmul(gw, &x[..m * c_in], dr, (c_in, pr, m), true, false, par);
-    col_sums(&mut gb[..g.c], &dy[..b * g.h * g.w * g.c]);
+    col_sums(&mut gb[..g.c], &dy[..b * g.h * g.w * g.c], par);
     if let Some(dx) = dx {
         matmul(dx, dr, wt, (m, c_in, pr), false, true, par);
     }
@@ -391,6 +460,8 @@ mod tests {
             (3, 2, 5, 5, 3, 1, 1),
             (1, 2, 3, 7, 3, 2, 0),
             (2, 2, 3, 6, 3, 2, 1),
+            (2, 1, 4, 8, 4, 2, 1),
+            (2, 3, 2, 5, 3, 1, 1),
         ] {
             // Convolution: (b, c_in, side, side) -> (b, c_out, ho, wo).
             let g = Geom::new(c_in, (side, side), k, s, p);
@@ -474,6 +545,36 @@ mod tests {
             close("convt db", &gb, &flat(grads.get(&bv).unwrap()));
             let dxt = flat(grads.get(&xv).unwrap());
             close("convt dx", &dx, &nhwc(&dxt, b, ci, gt.ho, gt.wo));
+        }
+    }
+
+    /// The fixed-run layout passes (k c = 4, 9, 12, 16) against the any-length one, on
+    /// geometries with padding on every side, odd sizes and strides 1 and 2.
+    #[test]
+    fn fixed_runs_match_any_length() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for (c, side, k, s, p) in [
+            (1, 9, 4, 2, 1),
+            (4, 6, 4, 2, 2),
+            (1, 7, 3, 1, 1),
+            (3, 5, 3, 2, 1),
+            (3, 8, 4, 2, 1),
+            (4, 2, 4, 1, 1),
+            (1, 4, 4, 1, 0),
+        ] {
+            let g = Geom::new(c, (side, side + 1), k, s, p);
+            let b = 3;
+            let x = rand_vec(&mut rng, b * c * side * (side + 1));
+            let n = b * g.positions() * g.patch();
+            let (mut fixed, mut any) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+            im2row(&mut fixed, &x, g, b, true);
+            im2row_n::<0>(&mut any, &x, g, b, false);
+            assert_eq!(fixed, any, "im2row {c} {side} {k} {s} {p}");
+            let r = rand_vec(&mut rng, n);
+            let (mut fixed, mut any) = (vec![f32::NAN; x.len()], vec![f32::NAN; x.len()]);
+            row2im(&mut fixed, &r, g, b, true);
+            row2im_n::<0>(&mut any, &r, g, b, false);
+            assert_eq!(fixed, any, "row2im {c} {side} {k} {s} {p}");
         }
     }
 }

@@ -315,7 +315,13 @@ impl ConvNet {
             let pre = &mut cw.enc_pre[i];
             l.forward(pre, input, th, b, &mut cw.enc_cw[i], par);
             let bias = &th[l.b..l.end()];
-            act_fwd(&mut pre[..b * np], &mut rest[0][..b * no], bias, self.act);
+            act_fwd(
+                &mut pre[..b * np],
+                &mut rest[0][..b * no],
+                bias,
+                self.act,
+                par,
+            );
         }
     }
 
@@ -386,7 +392,7 @@ impl ConvNet {
         let l = self.enc[i];
         let (_, np, no) = l.sizes();
         let (pre, h) = (&cw.enc_pre[i][..b * np], &cw.enc_h[i][..b * no]);
-        act_back(&mut cw.da, &mut cw.db, pre, h, l.channels(), self.act);
+        act_back(&mut cw.da, &mut cw.db, pre, h, l.channels(), self.act, par);
         let input: &[f32] = if i == 0 { x } else { &cw.enc_h[i - 1] };
         let dx = if want_dx { Some(&mut cw.db[..]) } else { None };
         l.backward(g, dx, &cw.da, input, th, b, &mut cw.enc_cw[i], par);
@@ -422,6 +428,7 @@ impl ConvNet {
                     &mut rest[0][..rows * no],
                     bias,
                     self.act,
+                    par,
                 );
             }
         }
@@ -473,7 +480,7 @@ impl ConvNet {
             let l = self.dec[j];
             let (_, np, no) = l.sizes();
             let (pre, h) = (&cw.dec_pre[j][..rows * np], &cw.dec_h[j][..rows * no]);
-            act_back(&mut cw.da, &mut cw.db, pre, h, l.channels(), self.act);
+            act_back(&mut cw.da, &mut cw.db, pre, h, l.channels(), self.act, par);
             let input: &[f32] = if j == 0 { f } else { &cw.dec_h[j - 1] };
             let dx = Some(&mut cw.db[..]);
             l.backward(st.g, dx, &cw.da, input, th, rows, &mut cw.dec_cw[j], par);
@@ -485,10 +492,20 @@ impl ConvNet {
 }
 
 /// h = act(a + bias) per position row of the product `pre` (its width the bias's); gated:
-/// h = (a + b_a) * sigmoid(gate + b_g) of each row's [a | gate] halves.
-fn act_fwd(pre: &mut [f32], h: &mut [f32], bias: &[f32], act: Activation) {
+/// h = (a + b_a) * sigmoid(gate + b_g) of each row's [a | gate] halves. With `par`, the rows
+/// in two halves on both workers (the pass is a third of a layer's memory traffic).
+fn act_fwd(pre: &mut [f32], h: &mut [f32], bias: &[f32], act: Activation, par: bool) {
     let c = bias.len();
-    if act == Activation::Gated {
+    let rows = pre.len() / c;
+    if par && rows >= 2 {
+        let r = rows / 2;
+        let (p0, p1) = pre.split_at_mut(r * c);
+        let (h0, h1) = h.split_at_mut(r * (h.len() / rows));
+        rayon::join(
+            || act_fwd(p0, h0, bias, act, false),
+            || act_fwd(p1, h1, bias, act, false),
+        );
+    } else if act == Activation::Gated {
         linear::gated_forward(pre, h, bias, c / 2);
     } else {
         linear::act_forward(pre, h, bias, c, act);
@@ -497,6 +514,7 @@ fn act_fwd(pre: &mut [f32], h: &mut [f32], bias: &[f32], act: Activation) {
 
 /// d(output) in `d` (h's length) -> d(product) in `d` (`t` scratch): times act'(a), or, for
 /// a gated layer of `ch` channels, [d a | d gate] per position row.
+#[allow(clippy::too_many_arguments)]
 fn act_back(
     d: &mut Vec<f32>,
     t: &mut Vec<f32>,
@@ -504,13 +522,44 @@ fn act_back(
     h: &[f32],
     ch: usize,
     act: Activation,
+    par: bool,
 ) {
     let n = h.len();
     if act == Activation::Gated {
-        linear::gated_backward(&d[..n], pre, &mut t[..2 * n], ch);
+        gated_back(&d[..n], pre, &mut t[..2 * n], ch, par);
         std::mem::swap(d, t);
     } else {
-        linear::act_backward(&mut d[..n], pre, h, act);
+        relu_like_back(&mut d[..n], pre, h, ch, act, par);
+    }
+}
+
+/// `linear::gated_backward` over rows of `ch` outputs, in two halves with `par`.
+fn gated_back(dh: &[f32], pre: &[f32], d: &mut [f32], ch: usize, par: bool) {
+    let rows = dh.len() / ch;
+    if par && rows >= 2 {
+        let r = rows / 2;
+        let (d0, d1) = d.split_at_mut(2 * r * ch);
+        rayon::join(
+            || gated_back(&dh[..r * ch], &pre[..2 * r * ch], d0, ch, false),
+            || gated_back(&dh[r * ch..], &pre[2 * r * ch..], d1, ch, false),
+        );
+    } else {
+        linear::gated_backward(dh, pre, d, ch);
+    }
+}
+
+/// `linear::act_backward` over rows of `ch` values, in two halves with `par`.
+fn relu_like_back(d: &mut [f32], pre: &[f32], h: &[f32], ch: usize, act: Activation, par: bool) {
+    let rows = d.len() / ch;
+    if par && rows >= 2 {
+        let r = rows / 2 * ch;
+        let (d0, d1) = d.split_at_mut(r);
+        rayon::join(
+            || relu_like_back(d0, &pre[..r], &h[..r], ch, act, false),
+            || relu_like_back(d1, &pre[r..], &h[r..], ch, act, false),
+        );
+    } else {
+        linear::act_backward(d, pre, h, act);
     }
 }
 
