@@ -196,6 +196,11 @@ pub fn page(l: &Loaded, limit: usize, precision: Precision) -> Result<String> {
         "stochastic_layers": cfg.layers(),
         "activation": activation_name(l.model.cfg.activation),
         "hidden": l.model.cfg.hidden,
+        // A conv network's layers as [channels, kernel, stride], for the page's subtitle.
+        "conv": match l.model.cfg.arch {
+            crate::config::Arch::Conv => l.model.cfg.conv.clone(),
+            crate::config::Arch::Mlp => Vec::new(),
+        },
         "decoder": format!("{:?}", l.model.cfg.decoder).to_lowercase(),
         "kind": format!("{:?}", l.model.cfg.kind).to_lowercase(),
         "precision": match precision { Precision::F16 => "f16", Precision::F32 => "f32" },

@@ -168,6 +168,18 @@ fn decodes_as_vae_does(extra: &[&str]) {
         assert_eq!(v["errors"], serde_json::json!([]), "page errors: {v}");
         let console: Vec<&str> = stderr.lines().filter(|l| l.contains("CONSOLE")).collect();
         assert!(console.is_empty(), "the console got: {console:?}");
+        // The subtitle names a conv network's layers (channels@kernel/stride) before the dense ones.
+        let sub = v["subtitle"].as_str().unwrap_or_default();
+        let conv: Vec<String> = l
+            .model
+            .cfg
+            .conv
+            .iter()
+            .map(|[c, k, s]| format!("{c}@{k}x{k}/{s}"))
+            .collect();
+        let is_conv = l.model.cfg.arch == vae::config::Arch::Conv;
+        let named = format!("conv {}, dense [", conv.join(" "));
+        assert_eq!(sub.contains(&named), is_conv, "{extra:?}: subtitle {sub:?}");
         let got = floats(&v["pixels"]);
         let d = max_diff(&got, &want);
         assert!(
