@@ -84,13 +84,16 @@ fn inside(x0: isize, k: usize, w: usize) -> (usize, usize) {
     (lo, hi)
 }
 
-/// One past the last output column whose kernel ends inside the row: ox s - p + k <= w.
-fn inner_end(g: Geom) -> usize {
-    if g.w + g.p >= g.k {
+/// The output columns whose kernel lies wholly inside the row (ox s - p >= 0 and
+/// ox s - p + k <= w): no padding to fill or skip.
+fn inner_cols(g: Geom) -> std::ops::Range<usize> {
+    let lo = g.p.div_ceil(g.s).min(g.wo);
+    let hi = if g.w + g.p >= g.k {
         (g.w + g.p - g.k) / g.s + 1
     } else {
         0
-    }
+    };
+    lo..hi.clamp(lo, g.wo)
 }
 
 /// `dst` += `src`, in 8-value pieces (the runs are short: no call per run).
@@ -128,9 +131,7 @@ fn im2row_n<const KC: usize>(r: &mut [f32], x: &[f32], g: Geom, b: usize, par: b
     let (pr, k, c) = (g.patch(), g.k, g.c);
     let kc = if KC == 0 { k * c } else { KC };
     let img_len = g.h * g.w * c;
-    // The output columns whose kernel lies inside the row: ox in [in_lo, in_hi).
-    let in_lo = g.p.div_ceil(g.s).min(g.wo);
-    let in_hi = inner_end(g).clamp(in_lo, g.wo);
+    let inner_x = inner_cols(g);
     per_images(r, g.positions() * pr, b, par, |r, i0, n| {
         for img in 0..n {
             let xi = &x[(i0 + img) * img_len..][..img_len];
@@ -138,7 +139,7 @@ fn im2row_n<const KC: usize>(r: &mut [f32], x: &[f32], g: Geom, b: usize, par: b
                 for ox in 0..g.wo {
                     let row = &mut r[((img * g.ho + oy) * g.wo + ox) * pr..][..pr];
                     let x0 = (ox * g.s) as isize - g.p as isize;
-                    let inner = (in_lo..in_hi).contains(&ox);
+                    let inner = inner_x.contains(&ox);
                     for (ky, dst) in row.chunks_exact_mut(kc).enumerate() {
                         let y = (oy * g.s + ky) as isize - g.p as isize;
                         if y < 0 || y >= g.h as isize {
@@ -177,8 +178,7 @@ fn row2im_n<const KC: usize>(x: &mut [f32], r: &[f32], g: Geom, b: usize, par: b
     let (pr, k, c) = (g.patch(), g.k, g.c);
     let kc = if KC == 0 { k * c } else { KC };
     let img_len = g.h * g.w * c;
-    let in_lo = g.p.div_ceil(g.s).min(g.wo);
-    let in_hi = inner_end(g).clamp(in_lo, g.wo);
+    let inner_x = inner_cols(g);
     per_images(x, img_len, b, par, |x, i0, n| {
         x.fill(0.0);
         for img in 0..n {
@@ -187,7 +187,7 @@ fn row2im_n<const KC: usize>(x: &mut [f32], r: &[f32], g: Geom, b: usize, par: b
                 for ox in 0..g.wo {
                     let row = &r[(((i0 + img) * g.ho + oy) * g.wo + ox) * pr..][..pr];
                     let x0 = (ox * g.s) as isize - g.p as isize;
-                    let inner = (in_lo..in_hi).contains(&ox);
+                    let inner = inner_x.contains(&ox);
                     for (ky, src) in row.chunks_exact(kc).enumerate() {
                         let y = (oy * g.s + ky) as isize - g.p as isize;
                         if y < 0 || y >= g.h as isize {
