@@ -232,6 +232,15 @@ impl Engine {
         }
     }
 
+    /// The -ELBO terms summed over the images `x` (n, D), one sample each from `eps`, on the
+    /// fused step's forward; `None` for the autograd engine, which evaluates the candle model.
+    pub fn evaluate_fused(&mut self, x: &[f32], eps: &[f32]) -> Option<Result<(f64, f64)>> {
+        match self {
+            Engine::Fused { f, .. } => Some(f.evaluate(x, eps)),
+            Engine::Autograd { .. } => None,
+        }
+    }
+
     /// The parameters in checkpoint layout.
     pub fn params(&self) -> Result<HashMap<String, Tensor>> {
         match self {

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -77,6 +78,37 @@ pub fn evaluate(model: &Vae, x: &Tensor, batch: usize, seed: u64) -> Result<Tota
         }
         None => (0.0, 0.0),
     };
+    Ok(Totals {
+        n,
+        recon: recon / n as f64,
+        kl: kl / n as f64,
+    })
+}
+
+/// `evaluate` on host pixels `x` (n, D) through `f(images, noise) -> summed (recon, kl)` (the
+/// fused step's forward): the same noise stream as `evaluate` draws, so the two agree.
+pub fn evaluate_host(
+    x: &[f32],
+    dim: usize,
+    noise_dim: usize,
+    batch: usize,
+    seed: u64,
+    mut f: impl FnMut(&[f32], &[f32]) -> Result<(f64, f64)>,
+) -> Result<Totals> {
+    let mut rng = StdRng::seed_from_u64(seed ^ EVAL_SALT);
+    let n = x.len() / dim;
+    let (mut recon, mut kl) = (0f64, 0f64);
+    let mut eps: Vec<f32> = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let b = batch.min(n - i);
+        eps.clear();
+        eps.extend((0..b * noise_dim).map(|_| -> f32 { StandardNormal.sample(&mut rng) }));
+        let (r, k) = f(&x[i * dim..(i + b) * dim], &eps)?;
+        recon += r;
+        kl += k;
+        i += b;
+    }
     Ok(Totals {
         n,
         recon: recon / n as f64,

@@ -316,9 +316,8 @@ struct Session<'a> {
     ds: data::Dataset,
     dim: usize,
     engine: Engine,
-    x_test: Tensor,
-    /// The validation images (binarized once), and the best epoch on them.
-    x_valid: Option<Tensor>,
+    /// The validation images' pixels (n, D; binarized once), and the best epoch on them.
+    x_valid: Option<Vec<f32>>,
     best: Option<Best>,
     run_dir: PathBuf,
     lock: Option<run::Lock>,
@@ -362,7 +361,7 @@ impl<'a> Session<'a> {
             if cfg.data.binarize != Binarize::None {
                 data::binarize_in_place(&mut px, &mut StdRng::seed_from_u64(cfg.seed ^ VALID_SALT));
             }
-            Some(Tensor::from_vec(px, (v.n, dim), &dev)?)
+            Some(px)
         } else {
             None
         };
@@ -396,7 +395,6 @@ impl<'a> Session<'a> {
                 .load_optimizer(&m, step)
                 .context("optimizer.safetensors")?;
         }
-        let x_test = eval::test_tensor(cfg, &ds.test, &dev)?;
         let run_dir = match run_dir {
             Some(d) => d,
             None => run::create(cfg, opts.run.as_deref())?,
@@ -431,7 +429,6 @@ impl<'a> Session<'a> {
             dev,
             dim,
             engine,
-            x_test,
             x_valid,
             best,
             run_dir,
@@ -451,23 +448,19 @@ impl<'a> Session<'a> {
         self.engine.eval_model(self.cfg, self.dim, &self.dev)
     }
 
-    /// The test -ELBO of model `m`.
-    fn evaluate(&self, m: &Vae) -> Result<Totals> {
-        eval::evaluate(
-            m,
-            &self.x_test,
-            self.cfg.train.eval_batch_size,
-            self.cfg.seed,
-        )
+    /// The test -ELBO of model `m` (the test pixels are `test_px`, binarized once).
+    fn evaluate(&mut self, m: &Vae) -> Result<Totals> {
+        let (cfg, dim, dev) = (self.cfg, self.dim, &self.dev);
+        eval_pixels(&mut self.engine, m, &self.test_px, cfg, dim, dev)
     }
 
     /// The validation -ELBO of model `m`, with a validation split.
-    fn evaluate_valid(&self, m: &Vae) -> Result<Option<Totals>> {
-        let Some(x) = &self.x_valid else {
-            return Ok(None);
-        };
-        let t = eval::evaluate(m, x, self.cfg.train.eval_batch_size, self.cfg.seed)?;
-        Ok(Some(t))
+    fn evaluate_valid(&mut self, m: &Vae) -> Result<Option<Totals>> {
+        let (cfg, dim, dev) = (self.cfg, self.dim, &self.dev);
+        match &self.x_valid {
+            Some(px) => Ok(Some(eval_pixels(&mut self.engine, m, px, cfg, dim, dev)?)),
+            None => Ok(None),
+        }
     }
 
     /// Prints an epoch's line and adds it to metrics.csv (in memory).
@@ -706,6 +699,31 @@ impl<'a> Session<'a> {
 
 /// Steps between the autograd engine's finiteness checks (each reads one number to the host).
 const DIVERGENCE_CHECK: usize = 50;
+
+/// The -ELBO terms of the images `px` (n, D): on the fused step's forward when training is
+/// fused (the candle model's convolutions are slow on the CPU), else on the candle model `m`.
+/// Both draw the same noise stream and compute the same quantity (`step::tests` checks that
+/// the two agree on every family).
+fn eval_pixels(
+    engine: &mut Engine,
+    m: &Vae,
+    px: &[f32],
+    cfg: &Config,
+    dim: usize,
+    dev: &Device,
+) -> Result<Totals> {
+    let (batch, seed, nd) = (cfg.train.eval_batch_size, cfg.seed, cfg.model.noise_dim());
+    if matches!(engine, Engine::Fused { .. }) {
+        return eval::evaluate_host(px, dim, nd, batch, seed, |x, e| {
+            match engine.evaluate_fused(x, e) {
+                Some(r) => r,
+                None => bail!("no fused step to evaluate on"),
+            }
+        });
+    }
+    let x = Tensor::from_slice(px, (px.len() / dim, dim), dev)?;
+    eval::evaluate(m, &x, batch, seed)
+}
 
 /// Writes the checkpoint: weights, then moments, then state.json last, which names the epoch
 /// (and, for an interruption, how far into the next one). Each file is replaced atomically.

@@ -1560,6 +1560,50 @@ impl Fused {
         self.net.export(&self.grad)
     }
 
+    /// The -ELBO terms (recon, kl) summed over the images `x` (n, D), one sample each from
+    /// `eps` (n, noise dim), as `step` reports a batch's but forward only: the per-epoch
+    /// evaluation on the fused step, the same quantity as the candle model's
+    /// `neg_elbo_terms` (closed-form KL where it has one, else the one-sample log q - log p).
+    /// In passes of at most the buffers' capacity; the parameters are not touched.
+    pub fn evaluate(&mut self, x: &[f32], eps: &[f32]) -> Result<(f64, f64)> {
+        let (dim, nd) = (self.net.dim, self.net.cfg.noise_dim());
+        let n = x.len() / dim;
+        if x.len() != n * dim || eps.len() != n * nd {
+            bail!(
+                "evaluation of {} pixel values and {} noise values: not whole images of {dim} \
+                 with {nd} each",
+                x.len(),
+                eps.len()
+            );
+        }
+        // One sample per image whatever the training's S (the buffers hold cap S rows).
+        let s = std::mem::replace(&mut self.work.s, 1);
+        let (mut recon, mut kl) = (0f64, 0f64);
+        let mut i = 0;
+        while i < n {
+            let b = self.work.cap.min(n - i);
+            self.work.x[..b * dim].copy_from_slice(&x[i * dim..(i + b) * dim]);
+            self.work.eps[..b * nd].copy_from_slice(&eps[i * nd..(i + b) * nd]);
+            let (r, k) = rayon::scope(|_| {
+                let kl_closed = self.net.forward(&self.theta, &mut self.work, b, 1);
+                let r = self.loss_pass(b);
+                let k = if self.kind == Kind::Ae {
+                    0.0
+                } else if !self.net.mc_kl() {
+                    kl_closed
+                } else {
+                    self.work.lq[..b].iter().map(|&v| v as f64).sum::<f64>()
+                };
+                (r, k)
+            });
+            recon += r;
+            kl += k;
+            i += b;
+        }
+        self.work.s = s;
+        Ok((recon, kl))
+    }
+
     /// Forward and backward without the Adam step (for tests).
     pub fn loss_and_grads(&mut self, rows: usize) -> (f64, f64) {
         self.forward_backward(rows, None)

@@ -155,6 +155,26 @@ fn check_with(model: ModelConfig, mc: usize, iw: usize, kl_weight: f64, median_f
             );
         }
     }
+    // The forward-only evaluation equals the candle model's -ELBO terms on the same images and
+    // noise, one sample each, over more images than the buffers hold (11 against 8).
+    let x11: Vec<f32> = x.iter().chain(&x).chain(&x[..dim]).copied().collect();
+    let mut rng = StdRng::seed_from_u64(17);
+    let e11: Vec<f32> = (0..11 * model.noise_dim())
+        .map(|_| StandardNormal.sample(&mut rng))
+        .collect();
+    let (er, ek) = f.evaluate(&x11, &e11).unwrap();
+    let (_, m11, xt11, et11) = candle_side(&model, dim, &params, &x11, &e11);
+    let (tr, tk) = m11.neg_elbo_terms(&xt11, &et11).unwrap();
+    let sum = |t: Tensor| t.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let (tr, tk) = (sum(tr), sum(tk));
+    assert!(
+        (er - tr).abs() < 1e-4 * tr.abs().max(1.0),
+        "{what}: evaluated recon {er} vs {tr}"
+    );
+    assert!(
+        (ek - tk).abs() < 1e-4 * tk.abs().max(1.0),
+        "{what}: evaluated kl {ek} vs {tk}"
+    );
     // And the parameters round-trip through the checkpoint layout unchanged.
     let back = f.params().unwrap();
     for (name, t) in &params {
