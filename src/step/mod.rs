@@ -843,6 +843,19 @@ fn mlp_backward(
     }
 }
 
+/// The batch's KL as the step reports it (and the evaluation): none for an autoencoder, the
+/// closed form `kl_closed` where the model has one, else the samples' mean log q - log p over
+/// the `rows` sample rows, `s` to an image.
+fn logged_kl(kind: Kind, net: &Net, w: &Work, kl_closed: f64, rows: usize, s: usize) -> f64 {
+    if kind == Kind::Ae {
+        0.0
+    } else if !net.mc_kl() {
+        kl_closed
+    } else {
+        w.lq[..rows].iter().map(|&v| v as f64).sum::<f64>() / s as f64
+    }
+}
+
 /// The flows' kept values, all steps end to end: u^ (K, n, Z), m (K, n), tanh and det (K, rows);
 /// and the backward's two Z-wide sums.
 #[derive(Default)]
@@ -1320,14 +1333,7 @@ impl Fused {
         let (net, kind) = (&self.net, self.kind);
         let (z, act, flows) = (net.cfg.latent, net.cfg.activation, net.cfg.flows);
         let w = &mut self.work;
-        // The logged KL: closed form without flows, else the samples' mean log q - log p.
-        let kl = if kind == Kind::Ae {
-            0.0
-        } else if !net.mc_kl() {
-            kl_closed
-        } else {
-            w.lq[..rows].iter().map(|&v| v as f64).sum::<f64>() / s as f64
-        };
+        let kl = logged_kl(kind, net, w, kl_closed, rows, s);
         // Each sample's weight on log q - log p (IWAE: its normalized weight, already in cq;
         // the ELBO with flows: the KL weight over S), and the closed-form KL's per dimension.
         let kw = self.kl_weight;
@@ -1587,14 +1593,10 @@ impl Fused {
             let (r, k) = rayon::scope(|_| {
                 let kl_closed = self.net.forward(&self.theta, &mut self.work, b, 1);
                 let r = self.loss_pass(b);
-                let k = if self.kind == Kind::Ae {
-                    0.0
-                } else if !self.net.mc_kl() {
-                    kl_closed
-                } else {
-                    self.work.lq[..b].iter().map(|&v| v as f64).sum::<f64>()
-                };
-                (r, k)
+                (
+                    r,
+                    logged_kl(self.kind, &self.net, &self.work, kl_closed, b, 1),
+                )
             });
             recon += r;
             kl += k;
