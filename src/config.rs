@@ -54,6 +54,11 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ),
     ("vamp-hvae.toml", include_str!("../configs/vamp-hvae.toml")),
     (
+        "conv-hvae-standard.toml",
+        include_str!("../configs/conv-hvae-standard.toml"),
+    ),
+    ("conv-hvae.toml", include_str!("../configs/conv-hvae.toml")),
+    (
         "burda-iwae5.toml",
         include_str!("../configs/burda-iwae5.toml"),
     ),
@@ -842,9 +847,6 @@ impl Config {
                 if l.contains(&0) {
                     bail!("key `model.conv[{i}]` = {l:?}: out channels, kernel and stride must be positive");
                 }
-            }
-            if !m.upper.is_empty() {
-                bail!("key `model.arch`: \"conv\" is built for one stochastic layer so far; use a single `model.latent` or arch = \"mlp\"");
             }
         }
         if !m.upper.is_empty() {

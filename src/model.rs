@@ -242,9 +242,10 @@ impl Vae {
         } else {
             &dec_first[..]
         };
+        // A conv network's layer to the features ends `dec` (hvae: its joint network, below).
         let dec_dims: Vec<usize> = std::iter::once(cfg.latent)
             .chain(dec_widths.iter().copied())
-            .chain(conv.as_ref().map(|_| feat))
+            .chain(conv.as_ref().filter(|_| !hvae).map(|_| feat))
             .collect();
         let enc = Mlp::new(&enc_dims, cfg.activation, vb.pp("encoder.hidden"))?;
         let enc_mu = candle_nn::linear(top, cfg.latent, vb.pp("encoder.mu"))?;
@@ -299,8 +300,9 @@ impl Vae {
             Some(u) => {
                 let act = cfg.activation;
                 // q(z2|.) runs its input (x for hvae, z1 for the chain) up through the second
-                // layer's widths; p(z1|z2) runs z2 down through them.
-                let q_in = if hvae { input_dim } else { cfg.latent };
+                // layer's widths; p(z1|z2) runs z2 down through them. A conv hvae's q(z2|x)
+                // reads the convolutions' features, which q(z1|x, z2)'s branch on x shares.
+                let q_in = if hvae { feat } else { cfg.latent };
                 let up: Vec<usize> = std::iter::once(q_in)
                     .chain(u.hidden.iter().copied())
                     .collect();
@@ -315,8 +317,11 @@ impl Vae {
                         .chain(h[1..].iter().copied())
                         .collect();
                     let rev: Vec<usize> = h.iter().rev().copied().collect();
+                    // A conv decoder: the joint network ends in a layer to the features that
+                    // the transposed convolutions read (`decoder.hidden.{n}`, as one layer's).
                     let pjoint: Vec<usize> = std::iter::once(2 * rev[0])
                         .chain(rev[1..].iter().copied())
+                        .chain(conv.as_ref().map(|_| feat))
                         .collect();
                     Second::Hvae(Hvae {
                         q2: q,
@@ -460,10 +465,11 @@ impl Vae {
     /// mu2(x) + sigma2(x) e2, z1 = mu1(x, z2) + sigma1(x, z2) e1, as Tomczak & Welling's code.
     fn samples_hvae(&self, h: &Hvae, x: &Tensor, eps: &Tensor, s: usize) -> Result<Samples> {
         let (e1, e2) = self.split_noise(eps)?;
-        let (mu2, lv2) = h.q2.forward(x, &self.cfg)?;
+        let f = self.features(x)?;
+        let (mu2, lv2) = h.q2.forward(&f, &self.cfg)?;
         let q2 = (repeat_rows(&mu2, s)?, repeat_rows(&lv2, s)?);
         let z2 = Self::reparameterize(&q2.0, &q2.1, &e2)?;
-        let hx = repeat_rows(&self.enc_forward(x)?, s)?;
+        let hx = repeat_rows(&self.enc.forward(&f)?, s)?;
         let q1 = self.hvae_q1(h, &hx, &z2)?;
         let z1 = Self::reparameterize(&q1.0, &q1.1, &e1)?;
         let out = self.hvae_px(h, &z1, &z2)?;
@@ -524,17 +530,27 @@ impl Vae {
         Ok((self.enc_mu.forward(&j)?, lv))
     }
 
-    /// p(x|z1, z2)'s raw output (N, D).
+    /// p(x|z1, z2)'s raw output (N, D): the joint network's top through the output layer, or
+    /// a conv network's features through its transposed convolutions.
     fn hvae_px(&self, h: &Hvae, z1: &Tensor, z2: &Tensor) -> Result<Tensor> {
         let j = Tensor::cat(&[&self.dec.forward(z1)?, &h.px_z2.forward(z2)?], 1)?;
-        self.out_layer()?.forward(&h.px_joint.forward(&j)?)
+        let top = h.px_joint.forward(&j)?;
+        match &self.conv {
+            Some((_, c)) => c.forward(&top),
+            None => self.out_layer()?.forward(&top),
+        }
     }
 
     /// The encoder's hidden layers on `x` (B, D): the convolutions first for a conv network.
     fn enc_forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.enc.forward(&self.features(x)?)
+    }
+
+    /// What the encoder's dense layers read: a conv network's features (B, feat), else `x`.
+    fn features(&self, x: &Tensor) -> Result<Tensor> {
         match &self.conv {
-            Some((c, _)) => self.enc.forward(&c.forward(x)?),
-            None => self.enc.forward(x),
+            Some((c, _)) => c.forward(x),
+            None => Ok(x.clone()),
         }
     }
 
@@ -551,7 +567,7 @@ impl Vae {
         match &self.upper {
             None => self.encode(x),
             Some(Second::Chain(c)) => c.q.forward(&self.encode(x)?.0, &self.cfg),
-            Some(Second::Hvae(h)) => h.q2.forward(x, &self.cfg),
+            Some(Second::Hvae(h)) => h.q2.forward(&self.features(x)?, &self.cfg),
         }
     }
 
@@ -589,8 +605,9 @@ impl Vae {
             None => self.decode(&self.code(x)?),
             Some(Second::Chain(_)) => self.decode(&self.encode(x)?.0),
             Some(Second::Hvae(h)) => {
-                let mu2 = h.q2.forward(x, &self.cfg)?.0;
-                let mu1 = self.hvae_q1(h, &self.enc_forward(x)?, &mu2)?.0;
+                let f = self.features(x)?;
+                let mu2 = h.q2.forward(&f, &self.cfg)?.0;
+                let mu1 = self.hvae_q1(h, &self.enc.forward(&f)?, &mu2)?.0;
                 self.hvae_px(h, &mu1, &mu2)
             }
         }
@@ -690,7 +707,7 @@ impl Vae {
     pub fn code(&self, x: &Tensor) -> Result<Tensor> {
         // Two stochastic layers: the top layer's posterior mean (the chain's at z1's mean).
         if let Some(Second::Hvae(h)) = &self.upper {
-            return Ok(h.q2.forward(x, &self.cfg)?.0);
+            return Ok(h.q2.forward(&self.features(x)?, &self.cfg)?.0);
         }
         let ((mu, _), fp) = self.encode_full(x)?;
         let mut z = mu;
@@ -959,7 +976,7 @@ pub fn param_specs(cfg: &ModelConfig, input_dim: usize) -> Vec<(String, Vec<usiz
                 }
             }
         }
-        let mut prev = if hvae { input_dim } else { cfg.latent };
+        let mut prev = if hvae { feat } else { cfg.latent };
         for (i, &h) in u.hidden.iter().enumerate() {
             lin(format!("encoder2.hidden.{i}"), prev, h);
             if gated {

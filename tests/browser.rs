@@ -121,6 +121,16 @@ fn the_page_decodes_as_vae_does() {
             "model.wiring=hvae",
             "model.activation=gated",
         ],
+        // The hvae wiring on a conv network: the joint layer ends at the transposed
+        // convolutions' features.
+        &[
+            "model.arch=\"conv\"",
+            "model.conv=[[4, 4, 2], [8, 3, 2]]",
+            "model.latent=[6, 3]",
+            "model.hidden=[[16], [16]]",
+            "model.wiring=hvae",
+            "model.activation=gated",
+        ],
     ] {
         let mut extra = Vec::new();
         for s in set {

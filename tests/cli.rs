@@ -519,6 +519,67 @@ fn hvae_with_the_vamp_prior_trains_evaluates_and_samples() {
     ok(t.path(), &["explore", "--limit", "50", "-o", "e.html"]);
 }
 
+/// Tomczak & Welling's convHVAE layout on a tiny config: the hvae wiring with a conv network
+/// (the convolutions' features shared by q(z2|x) and q(z1|x, z2), the decoder's joint network
+/// ending in the transposed convolutions) and the VampPrior through them. The fused step trains
+/// it (autograd, on the same draws, reaches the same test -ELBO), `eval --iw` scores it, the
+/// pictures and the explorer draw it; the chain wiring with convolutions trains too.
+#[test]
+fn conv_networks_with_two_stochastic_layers_train_evaluate_and_draw() {
+    let t = tempfile::tempdir().unwrap();
+    let args = [
+        "--set",
+        "model.arch=\"conv\"",
+        "--set",
+        "model.conv=[[4, 4, 2], [8, 3, 2]]",
+        "--set",
+        "model.latent=[8, 4]",
+        "--set",
+        "model.hidden=[[32], [32]]",
+        "--set",
+        "model.wiring=hvae",
+        "--set",
+        "model.prior=vamp",
+        "--set",
+        "model.prior_components=5",
+        "--set",
+        "model.activation=gated",
+        "--set",
+        "model.logvar_min=-6",
+        "--set",
+        "model.logvar_max=2",
+    ];
+    let run = fused_as_autograd(t.path(), &args);
+    let m = metrics(&run);
+    let (first, last): (f64, f64) = (m[0][5].parse().unwrap(), m[2][5].parse().unwrap());
+    assert!(last < first, "test -ELBO {first} -> {last}");
+    let params =
+        vae::run::load_tensors(&run.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    // 28 -> 14 -> 7 at 8 channels: 392 features, read by q(z2|x) and h(x), written by the
+    // joint network's last layer (2 x 32 wide) for the transposed convolutions.
+    assert_eq!(params["encoder.conv.0.weight"].dims(), &[4, 1, 4, 4]);
+    assert_eq!(params["encoder2.hidden.0.weight"].dims(), &[32, 392]);
+    assert_eq!(params["encoder.hidden.0.weight"].dims(), &[32, 392]);
+    assert_eq!(params["decoder.hidden.1.gate.weight"].dims(), &[392, 64]);
+    assert_eq!(params["decoder.out.weight"].dims(), &[4, 1, 4, 4]);
+    assert_eq!(params["prior.pseudo_inputs"].dims(), &[5, 784]);
+    let out = ok(t.path(), &["eval", "--json", "--iw", "10", "--limit", "50"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["iw_nll"].as_f64().unwrap().is_finite(), "{v}");
+    for cmd in [
+        &["sample", "-n", "9", "-o", "s.png"][..],
+        &["reconstruct", "-n", "8", "-o", "r.png"],
+        &["explore", "--limit", "50", "-o", "e.html"],
+    ] {
+        ok(t.path(), cmd);
+    }
+    // The chain wiring: the convolutions around q(z1|x) and p(x|z1).
+    let c = tempfile::tempdir().unwrap();
+    let mut chain = args[..8].to_vec();
+    chain.extend(["--set", "model.activation=relu"]);
+    fused_as_autograd(c.path(), &chain);
+}
+
 /// A conv network (`model.arch = "conv"`) end to end on a tiny config: the fused step trains it
 /// (autograd on the same draws reaches the same test -ELBO), a resumed run ends where an
 /// unbroken one does, `eval --iw` scores it, the pictures draw it, and the layers' names and

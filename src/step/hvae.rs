@@ -67,8 +67,10 @@ impl Hvae {
     }
 
     /// Lays out the layers beyond `Net`'s own from `size` on, for `cfg` (two layers, hvae) and
-    /// inputs of `dim` values. The widths are the candle model's (`model::param_specs`).
-    pub fn alloc(size: &mut usize, cfg: &ModelConfig, dim: usize) -> Self {
+    /// inputs of `dim` values (a conv network's features). A conv decoder's `feat` features
+    /// end p(x|z1, z2)'s joint network. The widths are the candle model's
+    /// (`model::param_specs`).
+    pub fn alloc(size: &mut usize, cfg: &ModelConfig, dim: usize, feat: Option<usize>) -> Self {
         let wide = if cfg.activation == Activation::Gated {
             2
         } else {
@@ -109,6 +111,7 @@ impl Hvae {
             size,
             std::iter::once(2 * bp)
                 .chain(rev[1..].iter().copied())
+                .chain(feat)
                 .collect(),
         );
         Hvae {
@@ -160,8 +163,17 @@ impl Hvae {
             hw.e1[r * z1..(r + 1) * z1].copy_from_slice(&row[..z1]);
             hw.e2[r * z2..(r + 1) * z2].copy_from_slice(&row[z1..]);
         }
+        // x's features, which q(z2|x) and q(z1|x, z2)'s branch h(x) share: a conv network's
+        // convolutions (b, feat), else the pixels.
+        let xin: &[f32] = match (&net.conv, w.cv.as_mut()) {
+            (Some(c), Some(cw)) => {
+                c.enc_forward(th, &w.x, cw, b, par);
+                c.features(cw, b)
+            }
+            _ => &w.x,
+        };
         // q(z2|x) on the images, S samples each; lq starts at log q(z2|x).
-        linear::mlp_forward(&self.q2, &w.x, &mut hw.q2_a, &mut hw.q2_h, th, b, act, par);
+        linear::mlp_forward(&self.q2, xin, &mut hw.q2_a, &mut hw.q2_h, th, b, act, par);
         let top = &hw.q2_h[self.q2.len() - 1];
         linear::linear_forward(&mut hw.q2hd, top, th, self.q2head, b, par);
         latent::gaussian_forward(
@@ -180,7 +192,7 @@ impl Hvae {
             },
         );
         // q(z1|x, z2): [h(x) repeated over the samples | g(z2)] through the joint layers.
-        linear::mlp_forward(&net.enc, &w.x, &mut w.enc_a, &mut w.enc_h, th, b, act, par);
+        linear::mlp_forward(&net.enc, xin, &mut w.enc_a, &mut w.enc_h, th, b, act, par);
         let qz2 = std::slice::from_ref(&self.qz2);
         linear::mlp_forward(qz2, &hw.z2, &mut hw.gz_a, &mut hw.gz_h, th, rows, act, par);
         concat(&mut hw.catq, &w.enc_h[0], s, &hw.gz_h[0], self.bq, rows);
@@ -254,10 +266,14 @@ impl Hvae {
             act,
             par,
         );
-        linear::linear_forward(&mut w.out, self.p_top(hw), th, net.out, rows, par);
+        match (&net.conv, w.cv.as_mut()) {
+            (Some(c), Some(cw)) => c.dec_forward(th, self.p_top(hw), &mut w.out, cw, rows, par),
+            _ => linear::linear_forward(&mut w.out, self.p_top(hw), th, net.out, rows, par),
+        }
     }
 
-    /// Backward from d(loss)/d(output layer's input) in `w.d1` (rows, width) down to every
+    /// Backward from d(loss)/d(output layer's input) in `w.d1` (rows, width), or for a conv
+    /// network from its output layer's d(input) (`ConvNet::out_backward`), down to every
     /// layer's gradient, with per-row weights `w.cq` on log q - log p; steps each layer.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
@@ -284,12 +300,17 @@ impl Hvae {
             d2,
             pr,
             hv,
+            cv,
             par,
             ..
         } = w;
         let (par, cq, z1s) = (*par, &cq[..rows], &zs[0]);
         let Some(hw) = hv.as_mut() else { return };
         let step = |th: &mut [f32], st: &mut Moments, l: Lin| step_layer(adam, th, st, l);
+        // A conv network: back through its hidden transposed convolutions to d(features) in d1.
+        if let (Some(c), Some(cw)) = (&net.conv, cv.as_mut()) {
+            c.dec_backward(th, st, adam, cw, self.p_top(hw), d1, rows, par);
+        }
         // p(x|z1, z2)'s joint layers, down to d[h'(z1) | g'(z2)] in d1 (rows, 2 bp).
         let shape = (rows, act, par);
         let acts = (&hw.pj_a[..], &hw.pj_h[..]);
@@ -383,9 +404,15 @@ impl Hvae {
         );
         step(th, st, self.qz2);
         add(&mut hw.dz2, &hw.s1, rows * z2);
+        // h(x): with a conv network, down to d(features) (b, feat) in d1, for the convolutions.
+        let conv = net.conv.as_ref().zip(cv.as_mut());
+        let xin: &[f32] = match &conv {
+            Some((c, cw)) => c.features(cw, b),
+            None => x,
+        };
         let l = net.enc[0];
-        let ah = (&x[..], &enc_a[0][..], &enc_h[0][..]);
-        linear::layer_backward(st.g, false, d1, d2, ah, th, l, b, act, par);
+        let ah = (xin, &enc_a[0][..], &enc_h[0][..]);
+        linear::layer_backward(st.g, conv.is_some(), d1, d2, ah, th, l, b, act, par);
         step(th, st, l);
         // q(z2|x): from dz2 (every path's share) through its head and layers, the VampPrior's
         // share at the pseudo-inputs added before each Adam step.
@@ -410,7 +437,13 @@ impl Hvae {
         step(th, st, l);
         let (acts, ds) = ((&hw.q2_a[..], &hw.q2_h[..]), (&mut hw.s1, &mut hw.s2));
         let shape = (b, act, par);
-        mlp_backward(&self.q2, x, acts, ds, th, st, adam, shape, false, &pr.pw);
+        let want = conv.is_some();
+        mlp_backward(&self.q2, xin, acts, ds, th, st, adam, shape, want, &pr.pw);
+        // A conv network: both branches' d(features) summed, back through the convolutions.
+        if let Some((c, cw)) = conv {
+            add(d1, &hw.s1, b * c.feat);
+            c.enc_backward(th, st, adam, &pr.pw, cw, x, d1, b, par);
+        }
     }
 }
 

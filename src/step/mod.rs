@@ -144,7 +144,10 @@ impl Net {
         } else {
             None
         };
-        let hvae = is_hvae.then(|| hvae::Hvae::alloc(&mut size, cfg, dim));
+        // A conv hvae: q(z2|x) reads the convolutions' features, and p(x|z1, z2)'s joint network
+        // ends in the layer to the features (for an MLP decoder, `dec` holds that layer).
+        let feat = conv.as_ref().map(|c| c.feat);
+        let hvae = is_hvae.then(|| hvae::Hvae::alloc(&mut size, cfg, feat.unwrap_or(dim), feat));
         let upper = cfg.upper.first().filter(|_| !is_hvae).map(|u| {
             let lv = (
                 cfg.logvar_min.map_or(f32::NEG_INFINITY, |v| v as f32),
@@ -163,7 +166,9 @@ impl Net {
         }
         let out = match conv.as_mut() {
             Some(c) => {
-                dec.push(Lin::alloc(&mut size, prev, wide * c.feat));
+                if !is_hvae {
+                    dec.push(Lin::alloc(&mut size, prev, wide * c.feat));
+                }
                 c.alloc_dec(&mut size);
                 let o = c.out_layer();
                 Lin {
@@ -287,7 +292,7 @@ impl Net {
         }
         // A conv network's pseudo-inputs are images: through its convolutions first.
         let xin: &[f32] = match (&self.conv, pw.cv.as_mut()) {
-            (Some(c), Some(cw)) if self.hvae.is_none() => {
+            (Some(c), Some(cw)) => {
                 c.enc_forward(th, &pw.x, cw, k, par);
                 c.features(cw, k)
             }
@@ -339,7 +344,7 @@ impl Net {
             par,
         );
         let conv = match (&self.conv, &pw.cv) {
-            (Some(c), Some(cw)) if self.hvae.is_none() => Some((c, cw)),
+            (Some(c), Some(cw)) => Some((c, cw)),
             _ => None,
         };
         for (i, l) in layers.iter().enumerate().rev() {
@@ -363,7 +368,7 @@ impl Net {
         }
         // A conv network: on through its convolutions to the pseudo-inputs' gradient.
         let dx: &[f32] = match (&self.conv, pw.cv.as_mut()) {
-            (Some(c), Some(cw)) if self.hvae.is_none() => {
+            (Some(c), Some(cw)) => {
                 c.pseudo_backward(th, &mut pw.grad, cw, &pw.x, &pw.d1, k, par);
                 cw.input_grad(k * d)
             }
@@ -996,6 +1001,8 @@ impl Work {
         // A conv network's dense side also writes its features (and reads their gradient).
         let feat = net.conv.as_ref().map(|c| c.feat);
         let widest = widest.max(wide * feat.unwrap_or(0));
+        // (The hvae wiring's layer to the features is its joint network's, in `hv`.)
+        let dec_feat = feat.filter(|_| net.hvae.is_none());
         let flow_n = if net.global_flows.is_some() { 1 } else { cap };
         let vecs = |n: usize, it: &mut dyn Iterator<Item = usize>| -> Vec<Vec<f32>> {
             it.map(|h| vec![0.0; n * h]).collect()
@@ -1018,9 +1025,9 @@ impl Work {
             ckl: vec![0.0; z],
             dec_a: vecs(
                 rows,
-                &mut cfg.hidden.iter().rev().chain(&feat).map(|h| wide * h),
+                &mut cfg.hidden.iter().rev().chain(&dec_feat).map(|h| wide * h),
             ),
-            dec_h: vecs(rows, &mut cfg.hidden.iter().rev().chain(&feat).copied()),
+            dec_h: vecs(rows, &mut cfg.hidden.iter().rev().chain(&dec_feat).copied()),
             out: vec![0.0; rows * dim],
             d_out: vec![0.0; rows * dim],
             nll: vec![0.0; rows],

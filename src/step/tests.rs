@@ -432,6 +432,77 @@ fn vamp_prior() {
 }
 
 #[test]
+fn conv_networks_with_two_stochastic_layers() {
+    // Tomczak & Welling's convHVAE layout: the hvae wiring with the convolutions' features
+    // shared by q(z2|x) and q(z1|x, z2)'s branch, p(x|z1, z2)'s joint network ending in the
+    // layer to the transposed convolutions; every activation, Monte-Carlo and IWAE samples, the
+    // VampPrior through the convolutions and q(z2|x), a colour image, and the chain wiring.
+    use crate::config::{Arch, Prior};
+    let conv = |m: ModelConfig, image: [usize; 3], layers: Vec<[usize; 3]>| ModelConfig {
+        arch: Arch::Conv,
+        conv: layers,
+        image: Some(image),
+        ..m
+    };
+    let grey = |m: ModelConfig| conv(m, [1, 8, 8], vec![[3, 4, 2], [4, 3, 2]]);
+    for act in [Activation::Relu, Activation::Tanh, Activation::Gated] {
+        check(ModelConfig {
+            activation: act,
+            ..grey(hvae(vec![6, 5], vec![5], (3, 2)))
+        });
+    }
+    let h = grey(hvae(vec![6], vec![5, 4], (3, 2)));
+    check(h.clone());
+    check_with(h.clone(), 3, 1, 0.5, false);
+    check_with(h.clone(), 1, 3, 1.0, false);
+    for act in [Activation::Relu, Activation::Gated] {
+        check(ModelConfig {
+            prior: Prior::Vamp,
+            prior_components: 3,
+            activation: act,
+            logvar_min: Some(-0.5),
+            logvar_max: Some(0.5),
+            ..h.clone()
+        });
+    }
+    check_with(
+        ModelConfig {
+            prior: Prior::Vamp,
+            prior_components: 2,
+            ..conv(
+                hvae(vec![5, 4], vec![4], (2, 2)),
+                [3, 4, 6],
+                vec![[2, 3, 1], [3, 2, 2]],
+            )
+        },
+        1,
+        3,
+        1.0,
+        false,
+    );
+    check(ModelConfig {
+        decoder: DecoderKind::Gaussian,
+        learn_sigma: true,
+        sigma: 0.5,
+        ..h
+    });
+    // The chain wiring: the convolutions around q(z1|x) and p(x|z1) only.
+    check(grey(chain(vec![6], vec![5], (3, 2))));
+    check_with(
+        ModelConfig {
+            prior: Prior::Mog,
+            prior_components: 3,
+            activation: Activation::Gated,
+            ..grey(chain(vec![6, 5], vec![5], (3, 2)))
+        },
+        1,
+        3,
+        1.0,
+        false,
+    );
+}
+
+#[test]
 fn two_stochastic_layers_chain() {
     // Burda et al.'s wiring: every activation (gated's split products included), the KL weight
     // on the whole log q - log p, Monte-Carlo and IWAE samples, the mixture prior on z2, the
@@ -613,7 +684,6 @@ fn iw_estimate_matches_candle_log_weights() {
     // The streaming estimate against candle's log weights on the same noise: one pass (K = 5,
     // several images per group) and several passes (K = 700 > 512 rows, one image per group),
     // with flows and without, Bernoulli and learned Gaussian.
-    let dim = 12;
     let models = [
         small(vec![7], 3),
         ModelConfig {
@@ -642,8 +712,18 @@ fn iw_estimate_matches_candle_log_weights() {
             prior_components: 3,
             ..hvae(vec![7, 6], vec![5], (3, 2))
         },
+        // A conv hvae with the VampPrior (images of 1 x 4 x 4).
+        ModelConfig {
+            prior: crate::config::Prior::Vamp,
+            prior_components: 3,
+            arch: crate::config::Arch::Conv,
+            conv: vec![[2, 2, 2]],
+            image: Some([1, 4, 4]),
+            ..hvae(vec![7], vec![5], (3, 2))
+        },
     ];
     for model in models {
+        let dim = model.image.map_or(12, |[c, h, w]| c * h * w);
         for k in [5usize, 700] {
             let (params, x, _) = fixture(&model, dim, 3, 1, 7);
             let got = iw::neg_log_likelihood(&model, dim, &params, &x, k, 11, &|_| {}).unwrap();
