@@ -54,6 +54,10 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ),
     ("vamp-hvae.toml", include_str!("../configs/vamp-hvae.toml")),
     (
+        "vamp-hvae-short.toml",
+        include_str!("../configs/vamp-hvae-short.toml"),
+    ),
+    (
         "conv-hvae-standard.toml",
         include_str!("../configs/conv-hvae-standard.toml"),
     ),

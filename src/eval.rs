@@ -272,14 +272,40 @@ pub fn run_eval(
         bail!("--iw {iw}: at most 1000000 samples per image");
     }
     let test = l.test_split(limit)?;
-    let x = test_tensor(&l.cfg, &test, &l.dev)?;
-    let t = evaluate(&l.model, &x, l.cfg.train.eval_batch_size, l.cfg.seed)?;
+    let cpu = matches!(l.dev, Device::Cpu);
+    let (batch, seed) = (l.cfg.train.eval_batch_size, l.cfg.seed);
+    // On the CPU, the fused step's forward, as training's per-epoch evaluation (candle's CPU
+    // convolutions are several times slower); the same noise stream and quantity as the candle
+    // model's, which a GPU uses (`step::tests` checks that the two agree on every family).
+    let px = if cpu {
+        test_pixels(&l.cfg, &test)
+    } else {
+        Vec::new()
+    };
+    let x = if cpu {
+        None
+    } else {
+        Some(test_tensor(&l.cfg, &test, &l.dev)?)
+    };
+    let t = match &x {
+        Some(x) => evaluate(&l.model, x, batch, seed)?,
+        None => {
+            let adam = crate::engine::adam_config(&l.cfg);
+            let cap = l.cfg.train.batch_size;
+            let mut f = crate::step::Fused::new(&l.cfg, l.dim(), &l.params, adam, cap)
+                .with_context(|| format!("{}: the fused step for evaluation", l.dir.display()))?;
+            let nd = l.cfg.model.noise_dim();
+            evaluate_host(&px, l.dim(), nd, batch, seed, |x, e| f.evaluate(x, e))?
+        }
+    };
     let (run_dir, state) = (&l.dir, Some(&l.state));
     let iw_value = if iw > 0 {
         let t0 = std::time::Instant::now();
-        let v = if matches!(l.dev, Device::Cpu) {
+        let v = if let Some(x) = &x {
+            // candle's forward, on a GPU.
+            crate::step::iw::mean_and_se(&iw_nll(&l.model, x, iw, seed)?)
+        } else {
             // The fused forward, one worker per group of images.
-            let px = test_pixels(&l.cfg, &test);
             let bar = progress_bar(test.n as u64, "IW estimate");
             let per = crate::step::iw::neg_log_likelihood(
                 &l.cfg.model,
@@ -292,9 +318,6 @@ pub fn run_eval(
             )?;
             bar.finish_and_clear();
             crate::step::iw::mean_and_se(&per)
-        } else {
-            // candle's forward, on a GPU.
-            crate::step::iw::mean_and_se(&iw_nll(&l.model, &x, iw, l.cfg.seed)?)
         };
         eprintln!(
             "importance-weighted estimate with K = {iw}: {:.1} s",

@@ -54,6 +54,16 @@ fn eval_prints_finite_numbers() {
     assert!(total.is_finite() && recon.is_finite() && kl.is_finite());
     assert!((total - recon - kl).abs() < 1e-6 && kl >= 0.0 && recon > 0.0);
     assert_eq!(v["images"].as_u64(), Some(10000));
+    // On the same 1,000 test images (tiny.toml's test_limit) eval reproduces the run's last
+    // test -ELBO: the same noise stream and the same forward.
+    let out = ok(t.path(), &["eval", "--json", "--limit", "1000"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let logged: f64 = metrics(&run).last().unwrap()[5].parse().unwrap();
+    let got = v["neg_elbo"].as_f64().unwrap();
+    assert!(
+        (got - logged).abs() < 1e-3,
+        "eval {got}, metrics.csv {logged}"
+    );
     let text = ok(t.path(), &["eval", "--run", run.to_str().unwrap()]);
     assert!(text.contains("test -ELBO") && text.contains("KL"), "{text}");
     // K = 1 is a one-sample -ELBO, not a tighter bound; one image is "1 image".
