@@ -165,13 +165,7 @@ impl Hvae {
         }
         // x's features, which q(z2|x) and q(z1|x, z2)'s branch h(x) share: a conv network's
         // convolutions (b, feat), else the pixels.
-        let xin: &[f32] = match (&net.conv, w.cv.as_mut()) {
-            (Some(c), Some(cw)) => {
-                c.enc_forward(th, &w.x, cw, b, par);
-                c.features(cw, b)
-            }
-            _ => &w.x,
-        };
+        let xin = net.dense_input(th, &w.x, w.cv.as_mut(), b, par);
         // q(z2|x) on the images, S samples each; lq starts at log q(z2|x).
         linear::mlp_forward(&self.q2, xin, &mut hw.q2_a, &mut hw.q2_h, th, b, act, par);
         let top = &hw.q2_h[self.q2.len() - 1];

@@ -291,13 +291,7 @@ impl Net {
             *x = u.clamp(0.0, 1.0);
         }
         // A conv network's pseudo-inputs are images: through its convolutions first.
-        let xin: &[f32] = match (&self.conv, pw.cv.as_mut()) {
-            (Some(c), Some(cw)) => {
-                c.enc_forward(th, &pw.x, cw, k, par);
-                c.features(cw, k)
-            }
-            _ => &pw.x,
-        };
+        let xin = self.dense_input(th, &pw.x, pw.cv.as_mut(), k, par);
         linear::mlp_forward(layers, xin, &mut pw.enc_a, &mut pw.enc_h, th, k, act, par);
         let top = &pw.enc_h[layers.len() - 1];
         linear::linear_forward(&mut pw.hd, top, th, head, k, par);
@@ -381,6 +375,25 @@ impl Net {
         }
     }
 
+    /// What the encoder's dense layers read for `b` images `x`: a conv network's features (its
+    /// convolutions run first, their activations kept in `cv` for the backward), else `x`.
+    fn dense_input<'a>(
+        &self,
+        th: &[f32],
+        x: &'a [f32],
+        cv: Option<&'a mut convnet::ConvNetWork>,
+        b: usize,
+        par: bool,
+    ) -> &'a [f32] {
+        match (&self.conv, cv) {
+            (Some(c), Some(cw)) => {
+                c.enc_forward(th, x, cw, b, par);
+                c.features(cw, b)
+            }
+            _ => x,
+        }
+    }
+
     fn is_ae(&self) -> bool {
         self.cfg.kind == ModelKind::Ae
     }
@@ -418,13 +431,7 @@ impl Net {
         if let (Some(u), Some(uw)) = (&self.upper, w.up.as_mut()) {
             u.split_noise(&w.eps, uw, rows);
         }
-        let xin: &[f32] = match (&self.conv, w.cv.as_mut()) {
-            (Some(c), Some(cw)) => {
-                c.enc_forward(th, &w.x, cw, b, par);
-                c.features(cw, b)
-            }
-            _ => &w.x,
-        };
+        let xin = self.dense_input(th, &w.x, w.cv.as_mut(), b, par);
         linear::mlp_forward(&self.enc, xin, &mut w.enc_a, &mut w.enc_h, th, b, act, par);
         let top = &w.enc_h[self.enc.len() - 1];
         linear::linear_forward(&mut w.hd, top, th, self.head, b, par);
