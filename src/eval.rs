@@ -277,15 +277,10 @@ pub fn run_eval(
     // On the CPU, the fused step's forward, as training's per-epoch evaluation (candle's CPU
     // convolutions are several times slower); the same noise stream and quantity as the candle
     // model's, which a GPU uses (`step::tests` checks that the two agree on every family).
-    let px = if cpu {
-        test_pixels(&l.cfg, &test)
+    let (px, x) = if cpu {
+        (test_pixels(&l.cfg, &test), None)
     } else {
-        Vec::new()
-    };
-    let x = if cpu {
-        None
-    } else {
-        Some(test_tensor(&l.cfg, &test, &l.dev)?)
+        (Vec::new(), Some(test_tensor(&l.cfg, &test, &l.dev)?))
     };
     let t = match &x {
         Some(x) => evaluate(&l.model, x, batch, seed)?,
