@@ -68,9 +68,15 @@ fn main() {
     ] {
         let mut r = buf(b * g.positions() * g.patch());
         let mut x = buf(b * g.h * g.w * g.c);
-        total += rows * time(&format!("im2row {name}"), 0.0, || im2row(&mut r, &x, g, b, par));
+        total += rows
+            * time(&format!("im2row {name}"), 0.0, || {
+                im2row(&mut r, &x, g, b, par)
+            });
         let r2 = r.clone();
-        total += ims * time(&format!("row2im {name}"), 0.0, || row2im(&mut x, &r2, g, b, par));
+        total += ims
+            * time(&format!("row2im {name}"), 0.0, || {
+                row2im(&mut x, &r2, g, b, par)
+            });
     }
     println!(
         "products and layout passes: {:.2} ms a step -> {:.2} s an epoch of 469 steps",
