@@ -49,6 +49,10 @@ pub const SHIPPED: &[(&str, &str)] = &[
         include_str!("../configs/burda2-iwae50.toml"),
     ),
     (
+        "burda2-iwae50-short.toml",
+        include_str!("../configs/burda2-iwae50-short.toml"),
+    ),
+    (
         "vamp-hvae-standard.toml",
         include_str!("../configs/vamp-hvae-standard.toml"),
     ),
