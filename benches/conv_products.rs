@@ -4,6 +4,9 @@
 //! batch 128), each timed alone on warm buffers, in GFLOP/s, and their sum as seconds per epoch
 //! (469 steps). Set beside a real epoch's time, it says how much of the epoch the products are
 //! and how much is everything else. `--par`: both workers, as training runs them.
+//! Last, the machine's product ceiling as the step sees it: a 2048 x 2048 x 2048 product through
+//! the same `matmul` (PyTorch's own is `a @ b` on two 2048 x 2048 f32 tensors), against which
+//! docs/results.md states what fraction of the ceiling an epoch reaches.
 //! Plain timing, no harness.
 
 use std::time::Instant;
@@ -83,4 +86,10 @@ fn main() {
         total * 1e3,
         total * 469.0
     );
+    // The ceiling: a square product large enough that packing and hand-offs are noise.
+    let s = 2048;
+    let (mut c, a, bm) = (buf(s * s), buf(s * s), buf(s * s));
+    time("ceiling (2048,2048,2048)", 2.0 * (s * s * s) as f64, || {
+        matmul(&mut c, &a, &bm, (s, s, s), false, false, par)
+    });
 }
