@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 /// Salts that give evaluation and test binarization their own streams of the one seed.
@@ -161,6 +161,183 @@ pub fn iw_nll(model: &Vae, x: &Tensor, k: usize, seed: u64) -> Result<Vec<f64>> 
     Ok(per_image)
 }
 
+/// The file in a run directory that keeps `vae eval --iw K`'s per-image estimates.
+pub fn iw_file(k: usize) -> String {
+    format!("iw-{k}.csv")
+}
+
+/// FNV-1a (64 bits) over the checkpoint's tensors, by name in sorted order: names the weights an
+/// estimate was computed from, so a kept estimate is never mixed with a later epoch's.
+fn params_digest(params: &HashMap<String, Tensor>) -> Result<u64> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    let mut names: Vec<&String> = params.keys().collect();
+    names.sort();
+    for name in names {
+        eat(name.as_bytes());
+        let v = params[name]
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()
+            .with_context(|| format!("reading tensor {name}"))?;
+        for x in v {
+            eat(&x.to_le_bytes());
+        }
+    }
+    Ok(h)
+}
+
+/// The per-image estimates already in `text` (an `iw-K.csv`) under `header`, by image index;
+/// none when the file was written for other weights, K, seed or data. A line torn by a kill
+/// while appending (the last one, without its newline) or not of the form `index,value` is
+/// skipped: that image is computed again.
+fn parse_iw_file(text: &str, header: &str) -> Option<BTreeMap<usize, f64>> {
+    let mut lines = text.lines();
+    if lines.next() != Some(header) {
+        return None;
+    }
+    let whole = if text.ends_with('\n') {
+        text.len()
+    } else {
+        text.rfind('\n')?
+    };
+    let mut known = BTreeMap::new();
+    for line in text[..whole].lines().skip(1) {
+        let Some((i, v)) = line.split_once(',') else {
+            continue;
+        };
+        // Strict: an index of digits only, so no fragment passes for another image.
+        if i.is_empty() || !i.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let (Ok(i), Ok(v)) = (i.parse::<usize>(), v.parse::<f64>()) {
+            if v.is_finite() {
+                known.insert(i, v);
+            }
+        }
+    }
+    Some(known)
+}
+
+/// `vae eval --iw K` on the CPU: the fused estimate of -log p(x) per test image, computed in
+/// blocks of image groups; each block's values are appended to the run directory's `iw-K.csv`
+/// as it finishes, and images already there (for the same weights, K, seed and data) are not
+/// computed again. Image i's noise depends only on i (`step::iw`), so an estimate stopped
+/// (Ctrl-C, a lost machine) and continued equals one run at once, bit for bit. Ctrl-C stops
+/// after the current block.
+fn iw_resumable(l: &Loaded, px: &[f32], k: usize) -> Result<Vec<f64>> {
+    use std::io::Write;
+    let (dim, seed) = (l.dim(), l.cfg.seed);
+    let n = px.len() / dim;
+    let path = l.dir.join(iw_file(k));
+    let header = format!(
+        "# vae eval --iw: K={k} seed={seed} weights=fnv1a64:{:016x} data={} binarize={:?}; \
+         index,neg_log_p",
+        params_digest(&l.params)?,
+        l.cfg.data.dir,
+        l.cfg.data.binarize
+    );
+    let old = match std::fs::read_to_string(&path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let kept = old.as_deref().and_then(|t| parse_iw_file(t, &header));
+    if kept.is_none() && old.as_deref().is_some_and(|t| !t.is_empty()) {
+        eprintln!(
+            "{}: kept for other weights, K, seed or data; computing afresh",
+            path.display()
+        );
+    }
+    let kept = kept.unwrap_or_default();
+    // Rewritten from what parsed (every image kept, also beyond this --limit), so a torn tail
+    // is gone before anything is appended after it: appending "40,..." to a torn "12" would
+    // otherwise read as image 1240.
+    let mut text = format!("{header}\n");
+    for (i, v) in &kept {
+        text.push_str(&format!("{i},{v}\n"));
+    }
+    // A run directory this user cannot write (someone else's run) still gets its estimate,
+    // computed whole and kept nowhere.
+    let mut file = run::write_atomic(&path, text.as_bytes())
+        .and_then(|_| {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {} to append", path.display()))
+        })
+        .map_err(|e| eprintln!("not keeping the estimate's progress: {e:#}"))
+        .ok();
+    let mut known: Vec<Option<f64>> = (0..n).map(|i| kept.get(&i).copied()).collect();
+    let have = known.iter().filter(|v| v.is_some()).count();
+    if have > 0 && have < n {
+        eprintln!(
+            "continuing the estimate in {}: {have} of {n} images already done",
+            path.display()
+        );
+    }
+    if file.is_some() {
+        crate::interrupt::install();
+    }
+    let bar = progress_bar(n as u64, "IW estimate");
+    bar.inc(have as u64);
+    // Blocks of whole groups, a few per worker at first (seconds for a conv network at
+    // K = 5000), doubled while a block takes under two seconds, so a small network's many
+    // quick blocks do not pay the per-block set-up (weights imported, buffers allocated) often.
+    let group = crate::step::iw::images_per_group(k);
+    let mut block = group * 4 * rayon::current_num_threads().max(1);
+    let mut start = 0;
+    while start < n {
+        let end = (start + block).min(n);
+        let t0 = std::time::Instant::now();
+        if known[start..end].iter().any(Option::is_none) {
+            let per = crate::step::iw::neg_log_likelihood(
+                &l.cfg.model,
+                dim,
+                &l.params,
+                &px[start * dim..end * dim],
+                start,
+                k,
+                seed,
+                &|_| {},
+            )?;
+            let mut lines = String::new();
+            for (j, v) in per.iter().enumerate() {
+                if known[start + j].is_none() {
+                    bar.inc(1);
+                    lines.push_str(&format!("{},{v}\n", start + j));
+                    known[start + j] = Some(*v);
+                }
+            }
+            if let Some(f) = &mut file {
+                f.write_all(lines.as_bytes())
+                    .and_then(|_| f.flush())
+                    .with_context(|| format!("appending to {}", path.display()))?;
+            }
+        }
+        start = end;
+        if t0.elapsed().as_secs_f64() < 2.0 {
+            block = (2 * block).min(1 << 20);
+        }
+        if start < n && crate::interrupt::requested() {
+            bar.finish_and_clear();
+            // As training's interruption: status 130 and the way to continue.
+            eprintln!(
+                "interrupted: {start} of {n} images' estimates are kept in {}; the same \
+                 command continues from there",
+                path.display()
+            );
+            std::process::exit(130)
+        }
+    }
+    bar.finish_and_clear();
+    Ok(known.into_iter().flatten().collect())
+}
+
 /// A progress bar on stderr when it is a terminal, else a hidden one.
 pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
@@ -300,19 +477,9 @@ pub fn run_eval(
             // candle's forward, on a GPU.
             crate::step::iw::mean_and_se(&iw_nll(&l.model, x, iw, seed)?)
         } else {
-            // The fused forward, one worker per group of images.
-            let bar = progress_bar(test.n as u64, "IW estimate");
-            let per = crate::step::iw::neg_log_likelihood(
-                &l.cfg.model,
-                l.dim(),
-                &l.params,
-                &px,
-                iw,
-                l.cfg.seed,
-                &|k| bar.inc(k as u64),
-            )?;
-            bar.finish_and_clear();
-            crate::step::iw::mean_and_se(&per)
+            // The fused forward, one worker per group of images, kept image by image in the
+            // run directory so that a stopped estimate continues where it stopped.
+            crate::step::iw::mean_and_se(&iw_resumable(&l, &px, iw)?)
         };
         eprintln!(
             "importance-weighted estimate with K = {iw}: {:.1} s",
@@ -384,4 +551,36 @@ pub fn run_eval(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_iw_file;
+
+    const H: &str = "# vae eval --iw: K=5 seed=1 weights=fnv1a64:00000000000000ab data=d binarize=Dynamic; index,neg_log_p";
+
+    #[test]
+    fn a_kept_estimate_reads_back_whole_lines_only() {
+        // Images 0, 1 and 7 kept (7 beyond any --limit is kept too), then a torn last line.
+        let text = format!("{H}\n0,85.5\n1,90.25\n7,1e2\n2,8");
+        let k = parse_iw_file(&text, H).unwrap();
+        assert_eq!(
+            k.into_iter().collect::<Vec<_>>(),
+            [(0, 85.5), (1, 90.25), (7, 100.0)]
+        );
+        // The same with its newline: image 2 is whole.
+        let k = parse_iw_file(&format!("{text}\n"), H).unwrap();
+        assert_eq!(k.get(&2), Some(&8.0));
+    }
+
+    #[test]
+    fn foreign_lines_and_headers_are_not_read() {
+        // Another checkpoint's (or K's) file: nothing is taken from it.
+        assert!(parse_iw_file(&format!("{H}\n0,85.5\n"), "# other").is_none());
+        assert!(parse_iw_file("", H).is_none());
+        // A fragment glued to a later line, a sign, a non-finite value: skipped.
+        let text = format!("{H}\n12,85.140,85.3\n+3,1.0\n4,NaN\n 5,2.0\n6,inf\n9,3.5\n");
+        let k = parse_iw_file(&text, H).unwrap();
+        assert_eq!(k.into_iter().collect::<Vec<_>>(), [(9, 3.5)]);
+    }
 }

@@ -688,3 +688,55 @@ fn conv_network_trains_resumes_evaluates_and_draws() {
         "key `model.conv[2]` (stride 2): the layer's input is 7 x 7",
     );
 }
+
+/// `vae eval --iw` keeps each test image's estimate in the run directory (`iw-K.csv`): a
+/// stopped estimate (here a torn file, as a kill while appending leaves it) continues where it
+/// stopped and gives, bit for bit, the figure of one computed at once; a --limit below what is
+/// kept keeps the rest; new weights start afresh.
+#[test]
+fn iw_estimate_continues_where_it_stopped() {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(t.path(), &["--set", "train.epochs=1"]);
+    // K = 600: more samples than one pass holds, so each image is its own group.
+    let iw = |limit: &str| -> (f64, f64) {
+        let out = ok(
+            t.path(),
+            &["eval", "--json", "--iw", "600", "--limit", limit],
+        );
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        (v["iw_nll"].as_f64().unwrap(), v["iw_se"].as_f64().unwrap())
+    };
+    let file = run.join("iw-600.csv");
+    let lines = || std::fs::read_to_string(&file).unwrap().lines().count();
+    iw("3");
+    assert_eq!(lines(), 1 + 3, "header and three images");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, &text[..text.len() - 5]).unwrap();
+    let resumed = iw("7");
+    assert_eq!(lines(), 1 + 7);
+    iw("2");
+    assert_eq!(
+        lines(),
+        1 + 7,
+        "a smaller --limit keeps the images beyond it"
+    );
+    std::fs::remove_file(&file).unwrap();
+    let fresh = iw("7");
+    assert_eq!(resumed, fresh, "continued and computed at once");
+    assert!(fresh.0.is_finite() && fresh.0 > 50.0, "{fresh:?}");
+    // Another epoch's weights: the kept estimate is not theirs.
+    let header = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    ok(
+        t.path(),
+        &["train", "--resume", "-q", "--set", "train.epochs=2"],
+    );
+    iw("2");
+    let now = std::fs::read_to_string(&file).unwrap();
+    assert_ne!(now.lines().next().unwrap(), header);
+    assert_eq!(now.lines().count(), 1 + 2);
+}

@@ -23,13 +23,28 @@ use std::collections::HashMap;
 const ROWS: usize = 512;
 const SALT: u64 = 0x6977_6165; // "iwae"
 
+/// Images per group (one noise stream, one worker's pass) with `k` samples each: as many as fill
+/// `ROWS` sample rows, at least one.
+pub fn images_per_group(k: usize) -> usize {
+    if k <= ROWS {
+        (ROWS / k.max(1)).max(1)
+    } else {
+        1
+    }
+}
+
 /// -log p(x) per image of `x` (n, D) with `k` importance samples, for the model `params` of
-/// `cfg`; `progress` is told each finished image count.
+/// `cfg`; `progress` is told each finished image count. `first` is the index of `x`'s first
+/// image in the whole set, a multiple of `images_per_group(k)`: image i's noise is then the
+/// same whichever slice it is computed in, so an estimate computed in parts (`vae eval --iw`
+/// resuming) equals one computed at once.
+#[allow(clippy::too_many_arguments)]
 pub fn neg_log_likelihood(
     cfg: &ModelConfig,
     dim: usize,
     params: &HashMap<String, Tensor>,
     x: &[f32],
+    first: usize,
     k: usize,
     seed: u64,
     progress: &(dyn Fn(usize) + Sync),
@@ -45,11 +60,11 @@ pub fn neg_log_likelihood(
     let mut th = vec![0f32; net.size()];
     net.import(params, &mut th)?;
     let n = x.len() / dim;
-    let (s, imgs) = if k <= ROWS {
-        (k, (ROWS / k).max(1))
-    } else {
-        (ROWS, 1)
-    };
+    let (s, imgs) = (k.min(ROWS), images_per_group(k));
+    if !first.is_multiple_of(imgs) {
+        bail!("--iw {k}: a slice of the images must start at a multiple of {imgs}, not {first}");
+    }
+    let g0 = first / imgs;
     let passes = k.div_ceil(s);
     // Each sample row's noise: [e1 | e2] with two stochastic layers.
     let z = cfg.noise_dim();
@@ -58,7 +73,7 @@ pub fn neg_log_likelihood(
         || Work::new(&net, imgs, s, false),
         |w, (g, res)| {
             let b = res.len();
-            let mut rng = group_rng(seed, g);
+            let mut rng = group_rng(seed, g0 + g);
             let i0 = g * imgs;
             w.x[..b * dim].copy_from_slice(&x[i0 * dim..(i0 + b) * dim]);
             // Running (max, sum of e^(lw - max)) per image.

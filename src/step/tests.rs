@@ -726,7 +726,26 @@ fn iw_estimate_matches_candle_log_weights() {
         let dim = model.image.map_or(12, |[c, h, w]| c * h * w);
         for k in [5usize, 700] {
             let (params, x, _) = fixture(&model, dim, 3, 1, 7);
-            let got = iw::neg_log_likelihood(&model, dim, &params, &x, k, 11, &|_| {}).unwrap();
+            let got = iw::neg_log_likelihood(&model, dim, &params, &x, 0, k, 11, &|_| {}).unwrap();
+            // The same images computed in slices (a resumed `eval --iw`) give the same values.
+            let g = iw::images_per_group(k);
+            assert_eq!(g, if k == 5 { 102 } else { 1 });
+            if g == 1 {
+                let tail =
+                    iw::neg_log_likelihood(&model, dim, &params, &x[dim..], 1, k, 11, &|_| {})
+                        .unwrap();
+                assert_eq!(
+                    &got[1..],
+                    &tail[..],
+                    "{model:?} K {k}: a slice from image 1"
+                );
+            } else {
+                assert!(
+                    iw::neg_log_likelihood(&model, dim, &params, &x[dim..], 1, k, 11, &|_| {})
+                        .is_err(),
+                    "a slice not on a group's first image is refused"
+                );
+            }
             // The estimator's groups: all 3 images in one (K = 5), or one image each (K = 700).
             let per_group = if k == 5 { 3 } else { 1 };
             for g in 0..3 / per_group {
