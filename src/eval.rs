@@ -162,7 +162,7 @@ pub fn iw_nll(model: &Vae, x: &Tensor, k: usize, seed: u64) -> Result<Vec<f64>> 
 }
 
 /// The file in a run directory that keeps `vae eval --iw K`'s per-image estimates.
-pub fn iw_file(k: usize) -> String {
+fn iw_file(k: usize) -> String {
     format!("iw-{k}.csv")
 }
 
@@ -226,7 +226,8 @@ fn parse_iw_file(text: &str, header: &str) -> Option<BTreeMap<usize, f64>> {
 /// `vae eval --iw K` on the CPU: the fused estimate of -log p(x) per test image, computed in
 /// blocks of image groups; each block's values are appended to the run directory's `iw-K.csv`
 /// as it finishes, and images already there (for the same weights, K, seed and data) are not
-/// computed again. Image i's noise depends only on i (`step::iw`), so an estimate stopped
+/// computed again. A group of images draws its noise from a stream of its own index
+/// (`step::iw`), so an estimate stopped
 /// (Ctrl-C, a lost machine) and continued equals one run at once, bit for bit. Ctrl-C stops
 /// after the current block.
 fn iw_resumable(l: &Loaded, px: &[f32], k: usize) -> Result<Vec<f64>> {
@@ -274,7 +275,9 @@ fn iw_resumable(l: &Loaded, px: &[f32], k: usize) -> Result<Vec<f64>> {
         .ok();
     let mut known: Vec<Option<f64>> = (0..n).map(|i| kept.get(&i).copied()).collect();
     let have = known.iter().filter(|v| v.is_some()).count();
-    if have > 0 && have < n {
+    if have == n {
+        eprintln!("all {n} images' estimates taken from {}", path.display());
+    } else if have > 0 {
         eprintln!(
             "continuing the estimate in {}: {have} of {n} images already done",
             path.display()
