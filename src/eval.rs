@@ -306,7 +306,6 @@ fn iw_resumable(l: &Loaded, px: &[f32], k: usize) -> Result<Vec<f64>> {
                 start,
                 k,
                 seed,
-                &|_| {},
             )?;
             let mut lines = String::new();
             for (j, v) in per.iter().enumerate() {

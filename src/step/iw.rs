@@ -26,19 +26,14 @@ const SALT: u64 = 0x6977_6165; // "iwae"
 /// Images per group (one noise stream, one worker's pass) with `k` samples each: as many as fill
 /// `ROWS` sample rows, at least one.
 pub fn images_per_group(k: usize) -> usize {
-    if k <= ROWS {
-        (ROWS / k.max(1)).max(1)
-    } else {
-        1
-    }
+    (ROWS / k.max(1)).max(1)
 }
 
 /// -log p(x) per image of `x` (n, D) with `k` importance samples, for the model `params` of
-/// `cfg`; `progress` is told each finished image count. `first` is the index of `x`'s first
+/// `cfg`. `first` is the index of `x`'s first
 /// image in the whole set, a multiple of `images_per_group(k)`: image i's noise is then the
 /// same whichever slice it is computed in, so an estimate computed in parts (`vae eval --iw`
 /// resuming) equals one computed at once.
-#[allow(clippy::too_many_arguments)]
 pub fn neg_log_likelihood(
     cfg: &ModelConfig,
     dim: usize,
@@ -47,7 +42,6 @@ pub fn neg_log_likelihood(
     first: usize,
     k: usize,
     seed: u64,
-    progress: &(dyn Fn(usize) + Sync),
 ) -> Result<Vec<f64>> {
     if cfg.kind == ModelKind::Ae {
         bail!("--iw: an autoencoder has no q(z|x) to sample, so no likelihood estimate");
@@ -137,7 +131,6 @@ pub fn neg_log_likelihood(
             for (r, (m, sum)) in res.iter_mut().zip(&acc) {
                 *r = -(m + sum.ln() - (k as f64).ln());
             }
-            progress(b);
         },
     );
     Ok(result)

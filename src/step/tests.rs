@@ -726,14 +726,13 @@ fn iw_estimate_matches_candle_log_weights() {
         let dim = model.image.map_or(12, |[c, h, w]| c * h * w);
         for k in [5usize, 700] {
             let (params, x, _) = fixture(&model, dim, 3, 1, 7);
-            let got = iw::neg_log_likelihood(&model, dim, &params, &x, 0, k, 11, &|_| {}).unwrap();
+            let got = iw::neg_log_likelihood(&model, dim, &params, &x, 0, k, 11).unwrap();
             // The same images computed in slices (a resumed `eval --iw`) give the same values.
             let g = iw::images_per_group(k);
             assert_eq!(g, if k == 5 { 102 } else { 1 });
             if g == 1 {
                 let tail =
-                    iw::neg_log_likelihood(&model, dim, &params, &x[dim..], 1, k, 11, &|_| {})
-                        .unwrap();
+                    iw::neg_log_likelihood(&model, dim, &params, &x[dim..], 1, k, 11).unwrap();
                 assert_eq!(
                     &got[1..],
                     &tail[..],
@@ -741,8 +740,7 @@ fn iw_estimate_matches_candle_log_weights() {
                 );
             } else {
                 assert!(
-                    iw::neg_log_likelihood(&model, dim, &params, &x[dim..], 1, k, 11, &|_| {})
-                        .is_err(),
+                    iw::neg_log_likelihood(&model, dim, &params, &x[dim..], 1, k, 11).is_err(),
                     "a slice not on a group's first image is refused"
                 );
             }
