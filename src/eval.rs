@@ -117,31 +117,55 @@ pub fn evaluate_host(
 }
 
 /// Rows (images times samples) decoded at once by the importance-weighted estimate.
+/// Sample rows per candle pass (images times samples): a GPU wants them many.
 const IW_ROWS: usize = 8192;
-const IW_SALT: u64 = 0x6977_6165; // "iwae"
 
-/// The importance-weighted estimate of log p(x) (Burda, Grosse & Salakhutdinov 2015, eq. 8):
-/// log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), per image, by a running logsumexp over
-/// chunks of samples so memory stays bounded whatever K. Returns -log p(x) in nats per image.
-pub fn iw_nll(model: &Vae, x: &Tensor, k: usize, seed: u64) -> Result<Vec<f64>> {
-    let mut rng = StdRng::seed_from_u64(seed ^ IW_SALT);
+/// The importance-weighted estimate of log p(x) (Burda, Grosse & Salakhutdinov 2015, eq. 8)
+/// on the candle model (a GPU's path): log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), per
+/// image of `x` (n, D), by a running logsumexp over chunks of samples so memory stays bounded
+/// whatever K. Returns -log p(x) in nats per image.
+///
+/// The noise is the fused estimator's (`step::iw`): image group g of
+/// `step::iw::images_per_group(k)` images draws its samples' noise, image after image, from
+/// `group_rng(seed, g)`. So the two paths give one figure up to float rounding, and `first`
+/// (the index of `x`'s first image in the whole set, a multiple of the group) lets an estimate
+/// computed in parts equal one computed at once, as the fused one.
+pub fn iw_nll(model: &Vae, x: &Tensor, first: usize, k: usize, seed: u64) -> Result<Vec<f64>> {
+    use crate::step::iw::{group_rng, images_per_group};
     let (n, _) = x.dims2()?;
+    let group = images_per_group(k);
+    if k == 0 || !first.is_multiple_of(group) {
+        bail!("--iw {k}: need K >= 1 and a slice starting at a multiple of {group}, not {first}");
+    }
     let zd = model.cfg.noise_dim();
     let dev = x.device();
-    let mut per_image = Vec::with_capacity(x.dim(0)?);
-    // Running (max, scaled sum) per image of the current pass.
-    let per_pass = (IW_ROWS / k).max(1);
+    let mut per_image = Vec::with_capacity(n);
+    // Images per call: whole groups, together at most IW_ROWS sample rows (at least one group).
+    // A group of more than one image has K <= 256, so its samples fit one chunk.
+    let per_pass = ((IW_ROWS / k).max(1) / group).max(1) * group;
     let chunk = k.min(IW_ROWS);
     let mut i = 0;
     while i < n {
         let b = per_pass.min(n - i);
         let xb = x.narrow(0, i, b)?;
+        // One stream per group in this pass, drawn from in image order.
+        let g0 = (first + i) / group;
+        let mut rngs: Vec<StdRng> = (0..b.div_ceil(group))
+            .map(|g| group_rng(seed, g0 + g))
+            .collect();
+        // Running (max, scaled sum) per image.
         let mut m = vec![f64::NEG_INFINITY; b];
         let mut s = vec![0f64; b];
         let mut done = 0;
         while done < k {
             let c = chunk.min(k - done);
-            let eps = model::normal(&mut rng, b * c, zd, dev)?;
+            // (b * c, zd), image-major: image j's c rows from its group's stream.
+            let mut eps = Vec::with_capacity(b * c * zd);
+            for j in 0..b {
+                let rng = &mut rngs[j / group];
+                eps.extend((0..c * zd).map(|_| -> f32 { StandardNormal.sample(&mut *rng) }));
+            }
+            let eps = Tensor::from_vec(eps, (b * c, zd), dev)?;
             let lw = model
                 .log_weights(&xb, &eps, c)?
                 .to_dtype(DType::F64)?
@@ -223,17 +247,21 @@ fn parse_iw_file(text: &str, header: &str) -> Option<BTreeMap<usize, f64>> {
     Some(known)
 }
 
-/// `vae eval --iw K` on the CPU: the fused estimate of -log p(x) per test image, computed in
+/// `vae eval --iw K`: the estimate of -log p(x) per test image (`n` images), computed by
+/// `estimate(first, end)` (images `first..end`, `first` a multiple of the estimator's group) in
 /// blocks of image groups; each block's values are appended to the run directory's `iw-K.csv`
 /// as it finishes, and images already there (for the same weights, K, seed and data) are not
 /// computed again. A group of images draws its noise from a stream of its own index
-/// (`step::iw`), so an estimate stopped
-/// (Ctrl-C, a lost machine) and continued equals one run at once, bit for bit. Ctrl-C stops
-/// after the current block.
-fn iw_resumable(l: &Loaded, px: &[f32], k: usize) -> Result<Vec<f64>> {
+/// (`step::iw`; the candle path draws the same), so an estimate stopped (Ctrl-C, a lost
+/// machine) and continued equals one run at once. Ctrl-C stops after the current block.
+fn iw_resumable(
+    l: &Loaded,
+    n: usize,
+    k: usize,
+    mut estimate: impl FnMut(usize, usize) -> Result<Vec<f64>>,
+) -> Result<Vec<f64>> {
     use std::io::Write;
-    let (dim, seed) = (l.dim(), l.cfg.seed);
-    let n = px.len() / dim;
+    let seed = l.cfg.seed;
     let path = l.dir.join(iw_file(k));
     let header = format!(
         "# vae eval --iw: K={k} seed={seed} weights=fnv1a64:{:016x} data={} binarize={:?}; \
@@ -298,15 +326,7 @@ fn iw_resumable(l: &Loaded, px: &[f32], k: usize) -> Result<Vec<f64>> {
         let end = (start + block).min(n);
         let t0 = std::time::Instant::now();
         if known[start..end].iter().any(Option::is_none) {
-            let per = crate::step::iw::neg_log_likelihood(
-                &l.cfg.model,
-                dim,
-                &l.params,
-                &px[start * dim..end * dim],
-                start,
-                k,
-                seed,
-            )?;
+            let per = estimate(start, end)?;
             let mut lines = String::new();
             for (j, v) in per.iter().enumerate() {
                 if known[start + j].is_none() {
@@ -475,14 +495,29 @@ pub fn run_eval(
     let (run_dir, state) = (&l.dir, Some(&l.state));
     let iw_value = if iw > 0 {
         let t0 = std::time::Instant::now();
-        let v = if let Some(x) = &x {
+        // Kept image by image in the run directory, so that a stopped estimate continues
+        // where it stopped.
+        let per = if let Some(x) = &x {
             // candle's forward, on a GPU.
-            crate::step::iw::mean_and_se(&iw_nll(&l.model, x, iw, seed)?)
+            iw_resumable(&l, test.n, iw, |a, b| {
+                iw_nll(&l.model, &x.narrow(0, a, b - a)?, a, iw, seed)
+            })?
         } else {
-            // The fused forward, one worker per group of images, kept image by image in the
-            // run directory so that a stopped estimate continues where it stopped.
-            crate::step::iw::mean_and_se(&iw_resumable(&l, &px, iw)?)
+            // The fused forward, one worker per group of images.
+            let (cfg, dim) = (&l.cfg.model, l.dim());
+            iw_resumable(&l, test.n, iw, |a, b| {
+                crate::step::iw::neg_log_likelihood(
+                    cfg,
+                    dim,
+                    &l.params,
+                    &px[a * dim..b * dim],
+                    a,
+                    iw,
+                    seed,
+                )
+            })?
         };
+        let v = crate::step::iw::mean_and_se(&per);
         eprintln!(
             "importance-weighted estimate with K = {iw}: {:.1} s",
             t0.elapsed().as_secs_f64()
@@ -558,6 +593,75 @@ pub fn run_eval(
 #[cfg(test)]
 mod tests {
     use super::parse_iw_file;
+    use crate::config::{Activation, ModelConfig, Prior, Upper, Wiring};
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn the_candle_estimate_draws_the_fused_estimates_noise() {
+        // A GPU's `eval --iw` (candle) and the CPU's (fused) on one model and images: the same
+        // figure to f32 rounding, because the same noise; and the candle path in slices from a
+        // group's first image (a resumed estimate) equals it whole. K = 5 puts all 4 images in
+        // one group of 102; K = 700 gives an image a group and two chunks in the fused passes.
+        let models = [
+            ModelConfig {
+                hidden: vec![7],
+                latent: 3,
+                ..Default::default()
+            },
+            ModelConfig {
+                hidden: vec![6],
+                latent: 3,
+                activation: Activation::Gated,
+                wiring: Wiring::Hvae,
+                prior: Prior::Vamp,
+                prior_components: 2,
+                upper: vec![Upper {
+                    latent: 2,
+                    hidden: vec![5],
+                }],
+                ..Default::default()
+            },
+        ];
+        let (dim, n, seed) = (12, 4, 3);
+        for cfg in models {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            // Weights three times their initial scale, so that the estimate depends on the noise.
+            let params: std::collections::HashMap<String, Tensor> =
+                crate::model::init_params(&cfg, dim, &mut rng, &Device::Cpu)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(name, t)| (name, (t * 3.0).unwrap()))
+                    .collect();
+            let x: Vec<f32> = (0..n * dim).map(|_| rng.random::<f32>()).collect();
+            let vb = VarBuilder::from_tensors(params.clone(), DType::F32, &Device::Cpu);
+            let m = crate::model::Vae::new(&cfg, dim, vb).unwrap();
+            let xt = Tensor::from_vec(x.clone(), (n, dim), &Device::Cpu).unwrap();
+            for k in [5, 700] {
+                let fused = crate::step::iw::neg_log_likelihood(&cfg, dim, &params, &x, 0, k, seed)
+                    .unwrap();
+                let candle = super::iw_nll(&m, &xt, 0, k, seed).unwrap();
+                for (i, (f, c)) in fused.iter().zip(&candle).enumerate() {
+                    assert!(
+                        (f - c).abs() < 1e-4 * f.abs(),
+                        "{cfg:?} K {k} image {i}: fused {f}, candle {c}"
+                    );
+                }
+                // Another seed moves the estimate by more than that tolerance.
+                let other = super::iw_nll(&m, &xt, 0, k, seed + 1).unwrap();
+                assert!((other[0] - candle[0]).abs() > 1e-3 * candle[0].abs());
+                if k == 700 {
+                    let tail = super::iw_nll(&m, &xt.narrow(0, 1, 3).unwrap(), 1, k, seed);
+                    for (a, b) in candle[1..].iter().zip(&tail.unwrap()) {
+                        assert!((a - b).abs() < 1e-9 * a.abs(), "{a} vs {b}");
+                    }
+                } else {
+                    assert!(super::iw_nll(&m, &xt.narrow(0, 1, 3).unwrap(), 1, k, seed).is_err());
+                }
+            }
+        }
+    }
 
     const H: &str = "# vae eval --iw: K=5 seed=1 weights=fnv1a64:00000000000000ab data=d binarize=Dynamic; index,neg_log_p";
 

@@ -55,9 +55,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         /// Also estimate -log p(x) with K importance samples per image (Burda et al. 2015; 5000
-        /// is the published setting). On the CPU each image's estimate is kept in the run
-        /// directory (iw-K.csv) as it is done: stopped (Ctrl-C, a lost machine), the same
-        /// command continues where it stopped, with the figure of an unbroken run.
+        /// is the published setting). Each image's estimate is kept in the run directory
+        /// (iw-K.csv) as it is done: stopped (Ctrl-C, a lost machine), the same command
+        /// continues where it stopped, with the figure of an unbroken run (CPU and GPU draw
+        /// the same noise).
         #[arg(long, value_name = "K", default_value_t = 0, allow_negative_numbers = true,
               value_parser = count("samples per image", 0, 1_000_000))]
         iw: usize,
