@@ -116,8 +116,7 @@ pub fn evaluate_host(
     })
 }
 
-/// Rows (images times samples) decoded at once by the importance-weighted estimate.
-/// Sample rows per candle pass (images times samples): a GPU wants them many.
+/// Sample rows (images times samples) per pass of the candle estimate: a GPU wants them many.
 const IW_ROWS: usize = 8192;
 
 /// The importance-weighted estimate of log p(x) (Burda, Grosse & Salakhutdinov 2015, eq. 8)
