@@ -289,17 +289,32 @@ fn iw_resumable(
     for (i, v) in &kept {
         text.push_str(&format!("{i},{v}\n"));
     }
-    // A run directory this user cannot write (someone else's run) still gets its estimate,
-    // computed whole and kept nowhere.
-    let mut file = run::write_atomic(&path, text.as_bytes())
-        .and_then(|_| {
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .with_context(|| format!("opening {} to append", path.display()))
-        })
-        .map_err(|e| eprintln!("not keeping the estimate's progress: {e:#}"))
-        .ok();
+    // One estimate at a time keeps a run's iw-K.csv (a second one's rewrite above would cut
+    // off the first one's appends); a run directory this user cannot write (someone else's
+    // run) still gets its estimate, computed whole and kept nowhere.
+    let lock = match run::Lock::take_named(
+        &l.dir,
+        &format!("iw-{k}.lock"),
+        &format!("another `vae eval --iw {k}`"),
+    ) {
+        Ok(lock) => Some(lock),
+        Err(e) if e.is::<run::Held>() => return Err(e),
+        Err(e) => {
+            eprintln!("not keeping the estimate's progress: {e:#}");
+            None
+        }
+    };
+    let mut file = lock.as_ref().and_then(|_| {
+        run::write_atomic(&path, text.as_bytes())
+            .and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening {} to append", path.display()))
+            })
+            .map_err(|e| eprintln!("not keeping the estimate's progress: {e:#}"))
+            .ok()
+    });
     let mut known: Vec<Option<f64>> = (0..n).map(|i| kept.get(&i).copied()).collect();
     let have = known.iter().filter(|v| v.is_some()).count();
     if have == n {
@@ -346,6 +361,7 @@ fn iw_resumable(
         }
         if start < n && crate::interrupt::requested() {
             bar.finish_and_clear();
+            drop(lock);
             // As training's interruption: status 130 and the way to continue.
             eprintln!(
                 "interrupted: {start} of {n} images' estimates are kept in {}; the same \

@@ -75,16 +75,36 @@ pub struct Partial {
     pub seconds: f64,
 }
 
-/// Holds `<run>/lock` while a training writes into the run; removed on drop.
+/// Holds a lock file in a run directory while one process writes there: `<run>/lock` for a
+/// training, `<run>/iw-K.lock` for `vae eval --iw K` (two estimates appending to one `iw-K.csv`
+/// would lose each other's lines: each rewrites the file when it starts). Removed on drop.
 pub struct Lock {
     path: PathBuf,
 }
 
+/// The error when a live process holds the lock (as against one that cannot be created).
+#[derive(Debug)]
+pub struct Held(String);
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Held {}
+
 impl Lock {
-    /// Takes the run's lock, refusing when a live process holds it; a lock left by a killed
-    /// process is taken over.
+    /// Takes the run's training lock, refusing when a live process holds it; a lock left by a
+    /// killed process is taken over.
     pub fn take(run: &Path) -> Result<Lock> {
-        let path = run.join("lock");
+        Lock::take_named(run, "lock", "another training")
+    }
+
+    /// Takes `<run>/<name>`; `holder` says who holds it in the refusal ("another training").
+    /// A live holder gives a [`Held`] error.
+    pub fn take_named(run: &Path, name: &str, holder: &str) -> Result<Lock> {
+        let path = run.join(name);
         for _ in 0..2 {
             match std::fs::OpenOptions::new()
                 .write(true)
@@ -100,10 +120,11 @@ impl Lock {
                         .ok()
                         .and_then(|s| s.trim().parse().ok());
                     if let Some(pid) = pid.filter(|&p| alive(p)) {
-                        bail!(
-                            "{}: another training (pid {pid}) is writing this run; wait for it or stop it",
+                        return Err(Held(format!(
+                            "{}: {holder} (pid {pid}) is writing this run; wait for it or stop it",
                             run.display()
-                        );
+                        ))
+                        .into());
                     }
                     let _ = std::fs::remove_file(&path);
                 }

@@ -216,6 +216,30 @@ fn a_second_training_into_a_run_is_refused() {
     );
 }
 
+/// Two `eval --iw K` on one run would each rewrite iw-K.csv and lose the other's lines: the
+/// second is refused while the first lives, a dead one's lock is taken over, and the lock is
+/// gone after a finished estimate.
+#[test]
+fn a_second_iw_estimate_on_a_run_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let run = tiny(t.path(), &["--set", "train.epochs=1"]);
+    let lock = run.join("iw-3.lock");
+    std::fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
+    fails(
+        t.path(),
+        &["eval", "--iw", "3", "--limit", "4"],
+        "another `vae eval --iw 3`",
+    );
+    assert!(!run.join("iw-3.csv").exists());
+    // Another K is another file, and not held.
+    ok(t.path(), &["eval", "--iw", "2", "--limit", "4"]);
+    std::fs::write(&lock, "999999999\n").unwrap();
+    ok(t.path(), &["eval", "--iw", "3", "--limit", "4"]);
+    let kept = std::fs::read_to_string(run.join("iw-3.csv")).unwrap();
+    assert_eq!(kept.lines().count(), 5, "{kept}");
+    assert!(!lock.exists() && !run.join("iw-2.lock").exists());
+}
+
 #[test]
 fn damaged_and_mismatched_files() {
     let t = tempfile::tempdir().unwrap();
