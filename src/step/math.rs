@@ -167,8 +167,9 @@ fn strides(rows: usize, cols: usize, transposed: bool) -> (usize, usize) {
 /// The smallest product (m n k multiply-adds) split between the two workers. Batch-20 recipes'
 /// products are 0.02-3 M; splitting them made Burda et al.'s two-layer k = 1 epoch about 1.35x
 /// faster and their one-layer and IWAE k = 5 epochs about 1.25x (2-core Zen 3, alternating
-/// whole epochs), where the earlier 8 M left them on one thread; the batch-100/128 recipes'
-/// epochs did not move.
+/// whole epochs), where the earlier 8 M left them on one thread; the batch-128 reference
+/// recipe's and the conv network's epochs did not move, its IWAE k = 5 epoch (640-row products
+/// of 20 latents) about 1.1x faster.
 const PAR_MIN: usize = 1 << 16;
 
 /// A raw pointer that two workers may share: `matmul` hands each one a disjoint part of C.
