@@ -692,8 +692,12 @@ pub fn find(arg: &str) -> Result<Source> {
             text,
         });
     }
+    // A name with a folder in it (`./x.toml`, `configs/x.toml`) is a path. Missing, it is a
+    // shipped config only by its file name (so `--config configs/burda-vae.toml` works outside
+    // a clone too); otherwise it is a typo, and the list of every shipped name would hide it.
+    let is_path = arg.contains('/') || arg.contains(std::path::MAIN_SEPARATOR);
     let local = PathBuf::from("configs").join(arg);
-    if local.is_file() {
+    if !is_path && local.is_file() {
         let text = std::fs::read_to_string(&local)
             .with_context(|| format!("--config {}: cannot read", local.display()))?;
         return Ok(Source {
@@ -711,11 +715,74 @@ pub fn find(arg: &str) -> Result<Source> {
             text: text.to_string(),
         });
     }
+    if is_path {
+        let cwd = std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|_| ".".into());
+        bail!(
+            "--config {arg}: no such file (looked from {cwd}); check the path, or name a shipped \
+             config without a folder, e.g. --config mnist.toml"
+        );
+    }
     let names: Vec<&str> = SHIPPED.iter().map(|(n, _)| *n).collect();
     bail!(
         "--config {arg}: no such file, and no configs/{arg}; give a path or one of the shipped configs: {}",
         names.join(", ")
     )
+}
+
+/// The config key a command-line flag of another tool most likely means, for the hint to
+/// `vae train --epochs 5`: `--epochs` -> `train.epochs`. A flag is matched by the last part of
+/// a key (`--batch-size` -> `train.batch_size`, `--free-bits` -> `train.free_bits`), else by a
+/// few names other trainers use (`--batch`, `--learning-rate`, `--k`, `--data`).
+pub fn key_for_flag(flag: &str) -> Option<String> {
+    set_pair(flag, None)
+}
+
+/// `key=value` for `--set`, from another tool's flag and its value: `--hidden 200,200` ->
+/// `model.hidden=[200,200]` (a list key's value gets its brackets), `--lr 3e-4` ->
+/// `train.lr=3e-4`; without a value, only the key.
+pub fn set_pair(flag: &str, value: Option<&str>) -> Option<String> {
+    let f = flag
+        .trim_start_matches('-')
+        .replace('-', "_")
+        .to_lowercase();
+    let alias = match f.as_str() {
+        "batch" | "bs" => "batch_size",
+        "learning_rate" => "lr",
+        "z" | "z_dim" | "latent_dim" | "latent_size" => "latent",
+        "act" => "activation",
+        "k" | "iw" => "iw_samples",
+        "warmup" | "kl_warmup" => "kl_warmup_epochs",
+        "data" | "data_dir" | "dataset" => "dir",
+        "out" => "out_dir",
+        other => other,
+    };
+    let cfg = Config::default().to_toml().ok()?;
+    let table: toml::Table = toml::from_str(&cfg).ok()?;
+    let mut keys = Vec::new();
+    for (k, v) in &table {
+        match v {
+            toml::Value::Table(t) => keys.extend(t.keys().map(|s| format!("{k}.{s}"))),
+            _ => keys.push(k.clone()),
+        }
+    }
+    let key = keys
+        .into_iter()
+        .find(|k| k.rsplit('.').next() == Some(alias))?;
+    let Some(v) = value else { return Some(key) };
+    let list = match key.split_once('.') {
+        Some((sec, leaf)) => matches!(
+            table.get(sec).and_then(|t| t.get(leaf)),
+            Some(toml::Value::Array(_))
+        ),
+        None => matches!(table.get(&key), Some(toml::Value::Array(_))),
+    };
+    if list && !v.trim_start().starts_with('[') {
+        Some(format!("{key}=[{v}]"))
+    } else {
+        Some(format!("{key}={v}"))
+    }
 }
 
 /// Parses `source`, applies `key=value` overrides, and checks the result.
@@ -1043,6 +1110,51 @@ mod tests {
             label: "test.toml".into(),
             text: text.into(),
         }
+    }
+
+    #[test]
+    fn other_tools_flags_map_to_config_keys() {
+        let k = |f| key_for_flag(f);
+        assert_eq!(k("--epochs").as_deref(), Some("train.epochs"));
+        assert_eq!(k("--batch-size").as_deref(), Some("train.batch_size"));
+        assert_eq!(k("--batch").as_deref(), Some("train.batch_size"));
+        assert_eq!(k("--learning-rate").as_deref(), Some("train.lr"));
+        assert_eq!(k("--lr").as_deref(), Some("train.lr"));
+        assert_eq!(k("--latent").as_deref(), Some("model.latent"));
+        assert_eq!(k("--free-bits").as_deref(), Some("train.free_bits"));
+        assert_eq!(k("--data").as_deref(), Some("data.dir"));
+        assert_eq!(k("--seed").as_deref(), Some("seed"));
+        assert_eq!(k("--frobnicate"), None);
+        assert_eq!(
+            set_pair("--hidden", Some("200,200")).as_deref(),
+            Some("model.hidden=[200,200]")
+        );
+        assert_eq!(
+            set_pair("--hidden", Some("[400]")).as_deref(),
+            Some("model.hidden=[400]")
+        );
+        assert_eq!(
+            set_pair("--epochs", Some("5")).as_deref(),
+            Some("train.epochs=5")
+        );
+    }
+
+    #[test]
+    fn a_config_path_that_is_missing_is_not_looked_up_by_name() {
+        let e = find("./nosuch.toml").unwrap_err().to_string();
+        assert!(e.contains("--config ./nosuch.toml: no such file"), "{e}");
+        assert!(!e.contains("configs/./"), "{e}");
+        assert!(
+            !e.contains("tiny.toml"),
+            "no list of every shipped name: {e}"
+        );
+        // A path whose file name is a shipped config's finds the built-in copy (outside a clone).
+        assert!(find("elsewhere/mnist.toml")
+            .unwrap()
+            .label
+            .contains("built in"));
+        // A bare name still finds the built-in copy.
+        assert!(find("tiny").is_ok());
     }
 
     #[test]

@@ -27,13 +27,13 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<String>,
         /// Override a config key, e.g. --set train.lr=3e-4 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = key_value)]
         set: Vec<String>,
         /// Train into this directory instead of <out_dir>/<name>.
         #[arg(long, value_name = "DIR")]
         run: Option<PathBuf>,
         /// auto | cpu | cuda | cuda:N (overrides the config's `device`).
-        #[arg(long)]
+        #[arg(long, value_parser = device_name)]
         device: Option<String>,
         /// Print no config and no progress bar.
         #[arg(long, short)]
@@ -49,7 +49,7 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         run: Option<String>,
         /// auto | cpu | cuda | cuda:N (default: the run's config).
-        #[arg(long)]
+        #[arg(long, value_parser = device_name)]
         device: Option<String>,
         /// Print one JSON object instead of a sentence.
         #[arg(long)]
@@ -99,8 +99,8 @@ enum Cmd {
         steps: usize,
         /// The two latent dimensions of a --dim 2 grid, e.g. --axes 3,7 (default: the two with
         /// the largest mean KL over the test set).
-        #[arg(long, value_name = "I,J")]
-        axes: Option<String>,
+        #[arg(long, value_name = "I,J", value_parser = axes)]
+        axes: Option<(usize, usize)>,
         #[command(flatten)]
         pic: PicArgs,
     },
@@ -114,8 +114,8 @@ enum Cmd {
               value_parser = count("images", 1, pictures::MAX_CELLS / 2))]
         n: usize,
         /// These test images instead, e.g. --index 3,17,42.
-        #[arg(long, value_name = "I,J,...")]
-        index: Option<String>,
+        #[arg(long, value_name = "I,J,...", value_parser = indices)]
+        index: Option<Indices>,
         /// Image pairs per row.
         #[arg(long, default_value_t = 8, allow_negative_numbers = true,
               value_parser = count("columns", 1, pictures::MAX_CELLS / 2))]
@@ -192,7 +192,7 @@ struct PicArgs {
     #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = count("times", 1, 16))]
     scale: usize,
     /// auto | cpu | cuda | cuda:N (default: the run's config).
-    #[arg(long)]
+    #[arg(long, value_parser = device_name)]
     device: Option<String>,
 }
 
@@ -275,13 +275,73 @@ fn error_line(e: &anyhow::Error) -> String {
     out
 }
 
-fn parse_pair(s: &str) -> Result<(usize, usize)> {
-    let v = pictures::parse_indices(s)
-        .map_err(|_| anyhow::anyhow!("--axes {s}: expected two dimensions, e.g. --axes 0,1"))?;
-    match v.as_slice() {
-        [a, b] => Ok((*a, *b)),
-        _ => anyhow::bail!("--axes {s}: expected two dimensions, e.g. --axes 0,1"),
+/// `--axes I,J`: two latent dimensions.
+fn axes(s: &str) -> Result<(usize, usize), String> {
+    match pictures::parse_indices(s).as_deref() {
+        Ok([a, b]) => Ok((*a, *b)),
+        _ => Err("expected two latent dimensions, e.g. --axes 0,1".into()),
     }
+}
+
+/// `--index I,J,...`'s test image numbers.
+#[derive(Clone)]
+struct Indices(Vec<usize>);
+
+fn indices(s: &str) -> Result<Indices, String> {
+    pictures::parse_indices(s)
+        .map(Indices)
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// `--device`: its syntax here (usage, exit 2); whether the device opens is the command's.
+fn device_name(s: &str) -> Result<String, String> {
+    vae::device::parse(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `--set KEY=VALUE`: the shape here; whether the key and value fit is the config's.
+fn key_value(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((k, _)) if !k.trim().is_empty() => Ok(s.to_string()),
+        _ => Err("expected KEY=VALUE, e.g. --set train.lr=3e-4".into()),
+    }
+}
+
+/// For `vae train --epochs 5`: the `--set` line that does what the unknown flag meant, when
+/// its name is a config key's (`--epochs` -> `--set train.epochs=5`).
+fn set_tip(err: &clap::Error, args: &[String]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    if args.get(1).map(String::as_str) != Some("train") {
+        return None;
+    }
+    let Some(ContextValue::String(flag)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let (name, inline) = match flag.split_once('=') {
+        Some((n, v)) => (n, Some(v.to_string())),
+        None => (flag.as_str(), None),
+    };
+    // clap names `--batch-size=64` as `--batch-size`: its value is in the argument itself.
+    let value = inline.or_else(|| {
+        let i = args
+            .iter()
+            .position(|a| a == name || a.starts_with(&format!("{name}=")))?;
+        match args[i].split_once('=') {
+            Some((_, v)) => Some(v.to_string()),
+            None => args.get(i + 1).filter(|v| !v.starts_with("--")).cloned(),
+        }
+    });
+    let pair = vae::config::set_pair(name, Some(value.as_deref().unwrap_or("VALUE")))?;
+    // Brackets, quotes and spaces need quoting in bash and zsh alike.
+    let quoted = if pair.chars().any(|c| "[]{}\"' *?~$;&|<>()#!".contains(c)) {
+        format!("'{pair}'")
+    } else {
+        pair
+    };
+    Some(format!(
+        "tip: config keys are set with --set, e.g. vae train --set {quoted}"
+    ))
 }
 
 fn main() {
@@ -294,7 +354,12 @@ fn main() {
                 | ErrorKind::DisplayVersion
                 | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
                 _ => {
-                    eprintln!("{}", usage_line(&e.to_string()));
+                    let args: Vec<String> = std::env::args().collect();
+                    let mut line = usage_line(&e.to_string());
+                    if let Some(tip) = set_tip(&e, &args) {
+                        line = line.replace(" (see vae --help)", &format!("; {tip}"));
+                    }
+                    eprintln!("{line}");
                     std::process::exit(2);
                 }
             }
@@ -352,7 +417,6 @@ fn dispatch(cli: Cli) -> Result<()> {
             axes,
             pic,
         } => {
-            let axes = axes.as_deref().map(parse_pair).transpose()?;
             let (l, c) = picture_run(&pic, "manifold.png")?;
             pictures::manifold(&l, dim, steps, axes, &c)?;
         }
@@ -363,7 +427,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             pic,
         } => {
             let idx = match index {
-                Some(s) => pictures::parse_indices(&s)?,
+                Some(Indices(v)) => v,
                 None => (0..n).collect(),
             };
             let (l, c) = picture_run(&pic, "reconstruction.png")?;

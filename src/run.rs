@@ -256,7 +256,7 @@ pub fn load_tensors(path: &Path, dev: &Device) -> Result<HashMap<String, Tensor>
 }
 
 /// A fresh run directory: `--run DIR` exactly (refused if it already holds a checkpoint), else
-/// `<out_dir>/<name>`, or `<name>-2`, `-3`, … if that is taken. Never overwrites a run.
+/// `<out_dir>/<name>`, or `<name>-run2`, `-run3`, … if that is taken. Never overwrites a run.
 pub fn create(cfg: &Config, explicit: Option<&Path>) -> Result<PathBuf> {
     let dir = match explicit {
         Some(d) => {
@@ -312,14 +312,34 @@ pub fn find(run: Option<&str>) -> Result<PathBuf> {
         Some("") => bail!("--run: empty path; give a run directory"),
         Some(r) => {
             let p = PathBuf::from(r);
-            if p.is_dir() {
-                return Ok(p);
-            }
             let q = Path::new("runs").join(r);
-            if q.is_dir() {
-                return Ok(q);
+            let dir = if p.is_dir() {
+                p
+            } else if q.is_dir() {
+                q
+            } else {
+                bail!(
+                    "--run {r}: no such run directory{}",
+                    runs_hint(Path::new("runs"))
+                )
+            };
+            // A folder without a config is not a run (`--run configs`, `--run runs`): name the
+            // runs inside it, or those under runs/, instead of failing on a missing file later.
+            // A run whose config was lost still opens, to say what is missing.
+            if !dir.join(CONFIG_FILE).is_file() && !dir.join(STATE_FILE).is_file() {
+                let inside = runs_in(&dir);
+                if !inside.is_empty() {
+                    bail!(
+                        "--run {r}: not a run directory (no {CONFIG_FILE}); the runs in it: {}",
+                        list(&inside)
+                    );
+                }
+                bail!(
+                    "--run {r}: not a run directory (no {CONFIG_FILE}){}",
+                    runs_hint(Path::new("runs"))
+                );
             }
-            bail!("--run {r}: no such run directory")
+            Ok(dir)
         }
         None => {
             let latest = Path::new("runs").join(LATEST_FILE);
@@ -339,6 +359,45 @@ pub fn find(run: Option<&str>) -> Result<PathBuf> {
             }
             Ok(p)
         }
+    }
+}
+
+/// The run directories directly inside `dir` (those holding a config), sorted.
+pub fn runs_in(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && p.join(CONFIG_FILE).is_file())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Up to 12 paths, comma-separated, with the count of the rest.
+fn list(paths: &[PathBuf]) -> String {
+    let mut s: Vec<String> = paths
+        .iter()
+        .take(12)
+        .map(|p| p.display().to_string())
+        .collect();
+    if paths.len() > 12 {
+        s.push(format!("and {} more", paths.len() - 12));
+    }
+    s.join(", ")
+}
+
+/// "; the runs under runs/: a, b" or "; there are no runs under runs/ yet (vae train makes one)".
+fn runs_hint(runs: &Path) -> String {
+    let r = runs_in(runs);
+    if r.is_empty() {
+        format!(
+            "; there are no runs under {}/ here yet (`vae train` makes one)",
+            runs.display()
+        )
+    } else {
+        format!("; the runs under {}/: {}", runs.display(), list(&r))
     }
 }
 

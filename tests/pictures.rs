@@ -194,7 +194,11 @@ fn picture_bad_input() {
         &["manifold", "--axes", "2,2", "-o", "x.png"],
         "--axes 2,2",
     );
-    fails(p, &["manifold", "--axes", "x", "-o", "x.png"], "--axes x");
+    fails(
+        p,
+        &["manifold", "--axes", "x", "-o", "x.png"],
+        "'x' for '--axes <I,J>'",
+    );
     fails(
         p,
         &["manifold", "--steps", "1", "-o", "x.png"],

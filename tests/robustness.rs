@@ -418,9 +418,71 @@ fn usage_errors_keep_their_tips_and_exit_2() {
         &["'0' for '--cols <COLS>'"],
     );
     usage(&["eval", "--iw", "-3"], &["'-3' for '--iw <K>'"]);
+    // Every malformed flag value is a usage error, whatever parses it.
+    usage(
+        &["reconstruct", "--index", "3,x"],
+        &["'3,x' for '--index", "\"x\" is not an image number"],
+    );
+    usage(&["manifold", "--axes", "1"], &["'1' for '--axes <I,J>'"]);
+    usage(
+        &["sample", "--device", "tpu"],
+        &["'tpu' for '--device", "cuda:N"],
+    );
+    usage(
+        &["train", "--set", "nokey"],
+        &["'nokey' for '--set", "KEY=VALUE"],
+    );
+    // Another trainer's flag: the --set line that does it, with the value given.
+    usage(
+        &["train", "--epochs", "5"],
+        &[
+            "unexpected argument '--epochs'",
+            "vae train --set train.epochs=5",
+        ],
+    );
+    usage(
+        &["train", "--batch-size=64"],
+        &["--set train.batch_size=64"],
+    );
+    usage(&["train", "--lr", "3e-4"], &["--set train.lr=3e-4"]);
+    usage(
+        &["train", "--hidden", "200,200"],
+        &["--set 'model.hidden=[200,200]'"],
+    );
     // A runtime error: status 1.
     let o = vae(p, &["eval", "--run", "nothere"]);
     assert_eq!(o.status.code(), Some(1));
+}
+
+/// A folder that is not a run is answered with the runs that are: inside it, else under runs/.
+#[test]
+fn a_folder_that_is_not_a_run_names_the_runs() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    std::fs::create_dir(p.join("configs")).unwrap();
+    fails(
+        p,
+        &["sample", "--run", "configs", "-o", "x.png"],
+        "--run configs: not a run directory (no config.toml); there are no runs under runs/ here yet",
+    );
+    tiny(p, &["--set", "train.epochs=1", "--set", "data.limit=50"]);
+    fails(
+        p,
+        &["sample", "--run", "configs", "-o", "x.png"],
+        "not a run directory (no config.toml); the runs under runs/: runs/tiny",
+    );
+    // `--run runs`: the folder of runs itself.
+    fails(
+        p,
+        &["eval", "--run", "runs"],
+        "--run runs: not a run directory (no config.toml); the runs in it: runs/tiny",
+    );
+    // A missing one names them too.
+    fails(
+        p,
+        &["eval", "--run", "tinny"],
+        "no such run directory; the runs under runs/: runs/tiny",
+    );
 }
 
 /// A key given with --set is blamed on the --set, a key in the file on the file.
