@@ -740,3 +740,28 @@ fn iw_estimate_continues_where_it_stopped() {
     assert_ne!(now.lines().next().unwrap(), header);
     assert_eq!(now.lines().count(), 1 + 2);
 }
+
+/// A run whose KL collapses says so at its end, with what to try; a healthy one does not.
+#[test]
+fn a_collapsed_kl_is_said_at_the_end_of_training() {
+    let t = tempfile::tempdir().unwrap();
+    // A KL weight of 200 pushes q(z|x) onto the prior within tiny.toml's two epochs.
+    let o = vae(t.path(), &tiny_args(&["--set", "train.beta=200"]));
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let warn: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("KL term collapsed"))
+        .collect();
+    assert_eq!(warn.len(), 1, "{err}");
+    assert!(
+        warn[0].contains("a smaller train.beta (it is 200)"),
+        "{err}"
+    );
+    let o = vae(t.path(), &tiny_args(&["--set", "train.epochs=3"]));
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("collapsed"), "{err}");
+    // tiny.toml's few steps are said too.
+    assert!(err.contains("optimizer steps in all"), "{err}");
+}
