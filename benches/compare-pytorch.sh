@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Side by side: this binary and the PyTorch peer (../shared/bench/torch_vae.py) on the same data
-# and recipe, alternating whole runs, on the CPU. Prints seconds per epoch of training for each,
+# Side by side: this binary and the PyTorch reference (benches/torch_vae.py, its install line at
+# its top) on the same data and recipe, alternating whole runs, on the CPU. Prints seconds per epoch of training for each,
 # their ratio, both test -ELBO per epoch, and each side's peak resident memory.
 #
 #   benches/compare-pytorch.sh [EPOCHS] [ROUNDS] [VARIANT]   (default 10 epochs, 2 rounds, ref)
@@ -11,15 +11,16 @@
 # layers, 784-200-200-100 and 100-100-100-50 tanh, chain wiring, batch 20, dynamic binarization;
 # k = 1 and IWAE k = 5), conv (the peer's conv network: 4x4 stride-2 convolutions of 32 and 64
 # channels, a dense layer of 256, z = 32, ReLU, batch 128, grey pixels as the reference recipe).
-# PYTHON names an interpreter with torch (default: python3); PEER the peer script; VAE_BIN a
-# built vae binary to time instead of building target/release/vae.
+# PYTHON names an interpreter with torch (default: python3); PEER another PyTorch script taking the
+# same flags (default benches/torch_vae.py); VAE_BIN a built vae binary to time instead of
+# building target/release/vae.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${1:-10}
 ROUNDS=${2:-2}
 VARIANT=${3:-ref}
 PY=${PYTHON:-python3}
-PEER=${PEER:-../shared/bench/torch_vae.py}
+PEER=${PEER:-benches/torch_vae.py}
 BURDA_VAE=(--set 'model.hidden=[200,200]' --set model.latent=50 --set model.activation=tanh
   --set train.batch_size=20 --set data.binarize=dynamic)
 BURDA_PEER=(--hidden 200,200 --latent 50 --act tanh --batch 20 --binarize dynamic)
@@ -39,7 +40,7 @@ case "$VARIANT" in
     TORCH=(--arch conv --channels 32,64 --dense 256 --latent 32) ;;
   *) echo "error: unknown variant $VARIANT (ref, iwae5, iwae50, mc5, burda, burda-iwae5, burda2, burda2-iwae5, conv)" >&2; exit 2 ;;
 esac
-"$PY" -c 'import torch' 2>/dev/null || { echo "error: $PY has no torch; set PYTHON (see ../shared/bench/README.md)" >&2; exit 1; }
+"$PY" -c 'import torch' 2>/dev/null || { echo "error: $PY has no torch; install it (python3 -m venv ~/.venvs/torch && ~/.venvs/torch/bin/pip install torch) and set PYTHON=~/.venvs/torch/bin/python" >&2; exit 1; }
 [ -f "$PEER" ] || { echo "error: no peer script at $PEER; set PEER" >&2; exit 1; }
 # VAE_BIN names a built binary to time (default: build target/release/vae now).
 if [ -z "${VAE_BIN:-}" ]; then cargo build --release -q; VAE_BIN=target/release/vae; fi
