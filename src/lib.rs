@@ -1,6 +1,7 @@
 //! `vae`: a variational-autoencoder trainer and sampler after Kingma & Welling, "Auto-Encoding
 //! Variational Bayes" (2013), on candle. One module per concern; `main.rs` only parses the CLI.
 
+pub mod codes;
 pub mod config;
 pub mod convnet;
 pub mod data;

@@ -166,6 +166,45 @@ enum Cmd {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Every image's posterior q(z|x) as NumPy arrays in a .npz: mu, logvar (N, Z) and y.
+    ///
+    /// The top stochastic layer's mean and log-variance (the codes `vae decode` takes); with two
+    /// layers also mu1, logvar1 (the bottom layer); with planar flows also z (the mean through
+    /// the flows); labels as y where the data has them. `numpy.load(path)` reads it.
+    Encode {
+        /// Run directory (default: the one runs/latest names).
+        #[arg(long, value_name = "DIR")]
+        run: Option<String>,
+        /// Images to encode instead of the run's data (any `data.dir` source of the same size).
+        #[arg(long, value_name = "PATH")]
+        data: Option<String>,
+        /// Which split of the data.
+        #[arg(long, value_enum, default_value_t = vae::codes::Which::Test)]
+        split: vae::codes::Which,
+        /// Output .npz; `-` for standard output. Without it: standard output when that is not
+        /// a terminal, else <run>/codes-<split>.npz.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// auto | cpu | cuda | cuda:N (default: the run's config).
+        #[arg(long, value_parser = device_name)]
+        device: Option<String>,
+    },
+    /// Codes you made (N, Z) decoded to images: a PNG grid, or with -o X.npy the pixel means.
+    ///
+    /// CODES is a .npy of float32/float64 (N, Z), or a .npz holding `z` or `mu` (what `vae
+    /// encode` writes). Decoded as the pictures decode: with two stochastic layers, top-layer
+    /// codes through p(z1|z2)'s mean.
+    Decode {
+        /// The codes: a .npy (N, Z) or a .npz.
+        #[arg(value_name = "CODES")]
+        codes: PathBuf,
+        /// Grid columns (default: as square as the count allows).
+        #[arg(long, allow_negative_numbers = true,
+              value_parser = count("columns", 1, pictures::MAX_CELLS))]
+        cols: Option<usize>,
+        #[command(flatten)]
+        pic: PicArgs,
+    },
     /// The test set's latent means, one dot per image coloured by class (PCA beyond 2-D).
     ///
     /// With two stochastic layers: the means of the top layer z2.
@@ -461,6 +500,30 @@ fn dispatch(cli: Cli) -> Result<()> {
             };
             let (l, c) = picture_run(&pic, "explore.html")?;
             vae::explore::explore(&l, limit, precision, &c.output)?;
+        }
+        Cmd::Encode {
+            run,
+            data,
+            split,
+            output,
+            device,
+        } => {
+            let file = match split {
+                vae::codes::Which::Test => "codes-test.npz",
+                vae::codes::Which::Train => "codes-train.npz",
+            };
+            let pic = PicArgs {
+                run,
+                output,
+                scale: 1,
+                device,
+            };
+            let (l, c) = picture_run(&pic, file)?;
+            vae::codes::encode(&l, data.as_deref(), split, &c.output)?;
+        }
+        Cmd::Decode { codes, cols, pic } => {
+            let (l, c) = picture_run(&pic, "decoded.png")?;
+            vae::codes::decode(&l, &codes, &c.output, cols, c.scale)?;
         }
         Cmd::Scatter { limit, pic } => {
             let (l, c) = picture_run(&pic, "scatter.png")?;
