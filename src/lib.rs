@@ -11,6 +11,7 @@ pub mod eval;
 pub mod explore;
 pub mod interrupt;
 pub mod loss;
+pub mod made;
 pub mod model;
 pub mod optim;
 pub mod picture;

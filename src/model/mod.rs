@@ -11,6 +11,8 @@
 //! `decoder.hidden.{i}.*`, `decoder.out.*`, `decoder.logvar` (D,) for a learned Gaussian;
 //! with flows, `encoder.flow.*` (amortized: K (2Z + 1) outputs) or `flow.{k}.{u,w,b}` (global).
 
+pub mod iaf;
+
 use crate::config::{
     Activation, Arch, DecoderKind, FlowParams, ModelConfig, ModelKind, Prior, Wiring,
 };

@@ -37,6 +37,7 @@ pub mod conditional;
 pub mod conv;
 pub mod convnet;
 pub mod hvae;
+pub mod iaf;
 pub mod iw;
 pub mod latent;
 pub mod likelihood;
