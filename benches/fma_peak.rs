@@ -52,8 +52,11 @@ unsafe fn fma_avx512(iters: u64) -> f32 {
     _mm512_reduce_add_ps(s)
 }
 
+/// A kernel: `iters` rounds of FMAs, returning a value the optimizer must keep.
+type Kernel = fn(u64) -> f32;
+
 /// The widest kernel this CPU runs: (name, lanes, the kernel).
-fn widest() -> Option<(&'static str, usize, fn(u64) -> f32)> {
+fn widest() -> Option<(&'static str, usize, Kernel)> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
@@ -69,7 +72,7 @@ fn widest() -> Option<(&'static str, usize, fn(u64) -> f32)> {
 }
 
 /// Best GFLOP/s of 5 runs of `threads` threads each running `kernel(iters)`.
-fn rate(kernel: fn(u64) -> f32, lanes: usize, iters: u64, threads: usize) -> f64 {
+fn rate(kernel: Kernel, lanes: usize, iters: u64, threads: usize) -> f64 {
     let mut best = 0f64;
     for _ in 0..5 {
         let start = Instant::now();
