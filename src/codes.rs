@@ -118,20 +118,23 @@ fn images(l: &Loaded, data_dir: Option<&str>, which: Which) -> Result<(Split, Ve
     Ok((split, px))
 }
 
-/// Runs `f` over `x` (n, D) in chunks of images, collecting its (chunk, width) outputs.
+/// Runs `f` over `x` (n, D) in chunks of images, collecting each of its two outputs (chunk,
+/// width) for the whole of `x`: a posterior's mean and log-variance from one pass.
 fn by_chunks(
     l: &Loaded,
     x: &[f32],
-    f: impl Fn(&candle_core::Tensor) -> Result<candle_core::Tensor>,
-) -> Result<Vec<f32>> {
+    f: impl Fn(&candle_core::Tensor) -> candle_core::Result<(candle_core::Tensor, candle_core::Tensor)>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     const CHUNK: usize = 1000;
     let d = l.dim();
-    let mut out = Vec::new();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
     for c in x.chunks(CHUNK * d) {
         let t = candle_core::Tensor::from_slice(c, (c.len() / d, d), &l.dev)?;
-        out.extend(f(&t)?.flatten_all()?.to_vec1::<f32>()?);
+        let (u, v) = f(&t)?;
+        a.extend(u.flatten_all()?.to_vec1::<f32>()?);
+        b.extend(v.flatten_all()?.to_vec1::<f32>()?);
     }
-    Ok(out)
+    Ok((a, b))
 }
 
 /// `vae encode`: every image's posterior as arrays in a `.npz` (the module's header lists them).
@@ -142,16 +145,14 @@ pub fn encode(l: &Loaded, data_dir: Option<&str>, which: Which, out: &Output) ->
     let m = &l.model;
     let top = m.cfg.top_latent();
     let mut members = Vec::new();
-    let mu = by_chunks(l, &x, |t| Ok(m.encode_top(t)?.0))?;
+    let (mu, lv) = by_chunks(l, &x, |t| m.encode_top(t))?;
     members.push(("mu", npy("<f4", &[n, top], &f32_bytes(&mu))));
     if !m.is_ae() {
-        let lv = by_chunks(l, &x, |t| Ok(m.encode_top(t)?.1))?;
         members.push(("logvar", npy("<f4", &[n, top], &f32_bytes(&lv))));
     }
     if !m.cfg.upper.is_empty() {
         let z1 = m.cfg.latent;
-        let mu1 = by_chunks(l, &x, |t| Ok(m.encode(t)?.0))?;
-        let lv1 = by_chunks(l, &x, |t| Ok(m.encode(t)?.1))?;
+        let (mu1, lv1) = by_chunks(l, &x, |t| m.encode(t))?;
         members.push(("mu1", npy("<f4", &[n, z1], &f32_bytes(&mu1))));
         members.push(("logvar1", npy("<f4", &[n, z1], &f32_bytes(&lv1))));
     }

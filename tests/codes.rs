@@ -182,3 +182,44 @@ fn bad_code_files_and_mismatched_data_are_one_line() {
     );
     assert!(!p.join("c.npz").exists() && !p.join("x.png").exists());
 }
+
+/// Two stochastic layers: the top layer's posterior as `mu`, `logvar` (what decode takes) and
+/// the bottom layer's as `mu1`, `logvar1`, each against the library's.
+#[test]
+fn two_layers_write_each_layers_posterior() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    let two = [
+        "--set",
+        "model.latent=[8,4]",
+        "--set",
+        "model.hidden=[[32],[16]]",
+        "--set",
+        "train.epochs=1",
+    ];
+    let run = tiny(p, &two);
+    ok(p, &["encode", "-o", "codes.npz"]);
+    let npz = p.join("codes.npz");
+    let l = vae::eval::open(Some(run.to_str().unwrap()), Some("cpu")).unwrap();
+    let px = vae::eval::test_pixels(&l.cfg, &l.test_split(4).unwrap());
+    let x = candle_core::Tensor::from_slice(&px, (4, 784), &candle_core::Device::Cpu).unwrap();
+    let (top, bottom) = (l.model.encode_top(&x).unwrap(), l.model.encode(&x).unwrap());
+    for (name, want, width) in [
+        ("mu", &top.0, 4),
+        ("logvar", &top.1, 4),
+        ("mu1", &bottom.0, 8),
+        ("logvar1", &bottom.1, 8),
+    ] {
+        let (shape, got) = member(&npz, name);
+        assert_eq!(shape, vec![10000, width as u64], "{name}");
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            assert!(
+                (f64::from(*a) - b).abs() < 1e-5,
+                "{name}[{i}]: library {a}, file {b}"
+            );
+        }
+    }
+    // decode takes the top layer's codes.
+    ok(p, &["decode", "codes.npz", "-o", "x.npy"]);
+}

@@ -283,43 +283,94 @@ mod tests {
         }
     }
 
-    /// Forward; returns (z_out, lq, [m | s]).
-    fn run(f: &Fixture, z: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (zd, w) = (f.m.masks.zd, f.m.masks.width);
-        let r = f.rows;
-        let (mut a1, mut h1, mut a2, mut h2) = (
-            vec![0.0; r * w],
-            vec![0.0; r * w],
-            vec![0.0; r * w],
-            vec![0.0; r * w],
-        );
-        let (mut ms, mut sig, mut cw) = (
-            vec![0.0; r * 2 * zd],
-            vec![0.0; r * zd],
-            vec![0.0; r / f.per * w],
-        );
-        let (mut zo, mut lq) = (vec![0.0; r * zd], vec![0.0; r]);
+    /// The step's buffers for a fixture, owned.
+    struct Bufs {
+        a1: Vec<f32>,
+        h1: Vec<f32>,
+        a2: Vec<f32>,
+        h2: Vec<f32>,
+        ms: Vec<f32>,
+        sig: Vec<f32>,
+        cw: Vec<f32>,
+    }
+
+    impl Bufs {
+        fn new(f: &Fixture) -> Bufs {
+            let (zd, w, r) = (f.m.masks.zd, f.m.masks.width, f.rows);
+            let rw = || vec![0.0; r * w];
+            Bufs {
+                a1: rw(),
+                h1: rw(),
+                a2: rw(),
+                h2: rw(),
+                ms: vec![0.0; r * 2 * zd],
+                sig: vec![0.0; r * zd],
+                cw: vec![0.0; r / f.per * w],
+            }
+        }
+
+        fn cache(&mut self) -> Cache<'_> {
+            Cache {
+                a1: &mut self.a1,
+                h1: &mut self.h1,
+                a2: &mut self.a2,
+                h2: &mut self.h2,
+                ms: &mut self.ms,
+                sig: &mut self.sig,
+                cw: &mut self.cw,
+            }
+        }
+    }
+
+    /// Forward on `z`; returns (z_out, lq, [m | s]) and the buffers.
+    fn run(f: &Fixture, z: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>, Bufs) {
+        let mut bufs = Bufs::new(f);
+        let zd = f.m.masks.zd;
+        let (mut zo, mut lq) = (vec![0.0; f.rows * zd], vec![0.0; f.rows]);
+        let c = bufs.cache();
         iaf_forward(
-            z,
-            &f.h,
-            &mut zo,
-            &f.th,
-            &f.m,
+            z, &f.h, &mut zo, &f.th, &f.m, f.rows, f.per, c, &mut lq, false,
+        );
+        let ms = bufs.ms.clone();
+        (zo, lq, ms, bufs)
+    }
+
+    /// The pair on L = sum_r (sum_i u_ri z'_ri + cq_r lq_r): (z', lq, dL/dz, dL/dtheta, dL/dh).
+    type Grads = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+    fn grads(f: &Fixture, u: &[f32], cq: &[f32]) -> Grads {
+        let (zd, w, r) = (f.m.masks.zd, f.m.masks.width, f.rows);
+        let (zo, lq, _, mut bufs) = run(f, &f.z);
+        let mut g = u.to_vec();
+        let (mut gth, mut dh) = (vec![0f32; f.th.len()], vec![0f32; f.h.len()]);
+        let (mut d1, mut d2, mut dz) = (vec![0.0; r * w], vec![0.0; r * w], vec![0.0; r * zd]);
+        let scratch = (&mut d1[..], &mut d2[..], &mut dz[..]);
+        let (h, th, m, c) = (&f.h, &f.th, &f.m, bufs.cache());
+        iaf_backward(
+            &mut g,
+            &f.z,
+            h,
+            &mut dh,
+            th,
+            &mut gth,
+            m,
             r,
             f.per,
-            Cache {
-                a1: &mut a1,
-                h1: &mut h1,
-                a2: &mut a2,
-                h2: &mut h2,
-                ms: &mut ms,
-                sig: &mut sig,
-                cw: &mut cw,
-            },
-            &mut lq,
+            c,
+            Some(cq),
+            scratch,
             false,
         );
-        (zo, lq, ms)
+        (zo, lq, g, gth, dh)
+    }
+
+    /// Seeded weights u (rows, Z) on z' and cq (rows) on lq.
+    fn loss_weights(f: &Fixture, seed: u64) -> (Vec<f32>, Vec<f32>) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let u = (0..f.rows * f.m.masks.zd)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let cq = (0..f.rows).map(|_| rng.random_range(0.5..1.5)).collect();
+        (u, cq)
     }
 
     #[test]
@@ -340,7 +391,7 @@ mod tests {
             rows: 1,
             per: 1,
         };
-        let (zo, lq, _) = run(&f, &f.z.clone());
+        let (zo, lq, _, _) = run(&f, &f.z);
         assert!(
             (zo[0] - (0.880_797 * 2.0 + 0.119_203 * 0.5)).abs() < 1e-5,
             "{zo:?}"
@@ -354,13 +405,13 @@ mod tests {
         // some of them for each j < Z - 1: the Jacobian is strictly triangular in this order.
         let f = fixture(5, 12, 3, 2, 3, 7);
         let zd = 5;
-        let (_, _, base) = run(&f, &f.z);
+        let (_, _, base, _) = run(&f, &f.z);
         for j in 0..zd {
             let mut z = f.z.clone();
             for r in 0..f.rows {
                 z[r * zd + j] += 0.7;
             }
-            let (_, _, moved) = run(&f, &z);
+            let (_, _, moved, _) = run(&f, &z);
             let mut later_moved = false;
             for r in 0..f.rows {
                 for i in 0..zd {
@@ -385,26 +436,21 @@ mod tests {
         }
     }
 
-    /// L = sum_r (sum_i u_ri z'_ri + c_r lq_r): its gradients by the backward, checked against
-    /// central differences of the forward in f64-accumulated f32 (a sanity check of the pair on
-    /// its own; `step::tests` checks it against candle's autograd inside the model).
+    /// The backward against central differences of the forward (accumulated in f64): a check
+    /// of the pair on its own; the next test checks it against candle's autograd.
     #[test]
     fn backward_matches_finite_differences() {
         let f = fixture(4, 6, 3, 2, 2, 11);
-        let (zd, w, r, cn) = (4, 6, f.rows, 3);
-        let mut rng = StdRng::seed_from_u64(5);
-        let u: Vec<f32> = (0..r * zd).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let cq: Vec<f32> = (0..r).map(|_| rng.random_range(0.5..1.5)).collect();
+        let (u, cq) = loss_weights(&f, 5);
         let loss = |th: &[f32], z: &[f32], h: &[f32]| -> f64 {
             let g = Fixture {
                 m: f.m.clone(),
                 th: th.to_vec(),
                 z: z.to_vec(),
                 h: h.to_vec(),
-                rows: r,
-                per: f.per,
+                ..f
             };
-            let (zo, lq, _) = run(&g, z);
+            let (zo, lq, _, _) = run(&g, z);
             let a: f64 = zo
                 .iter()
                 .zip(&u)
@@ -416,66 +462,7 @@ mod tests {
                 .map(|(a, b)| (*a as f64) * (*b as f64))
                 .sum::<f64>()
         };
-        // The backward.
-        let (mut a1, mut h1, mut a2, mut h2) = (
-            vec![0.0; r * w],
-            vec![0.0; r * w],
-            vec![0.0; r * w],
-            vec![0.0; r * w],
-        );
-        let (mut ms, mut sig, mut cw) = (
-            vec![0.0; r * 2 * zd],
-            vec![0.0; r * zd],
-            vec![0.0; r / f.per * w],
-        );
-        let (mut zo, mut lq) = (vec![0.0; r * zd], vec![0.0; r]);
-        iaf_forward(
-            &f.z,
-            &f.h,
-            &mut zo,
-            &f.th,
-            &f.m,
-            r,
-            f.per,
-            Cache {
-                a1: &mut a1,
-                h1: &mut h1,
-                a2: &mut a2,
-                h2: &mut h2,
-                ms: &mut ms,
-                sig: &mut sig,
-                cw: &mut cw,
-            },
-            &mut lq,
-            false,
-        );
-        let mut g = u.clone();
-        let mut gth = vec![0f32; f.th.len()];
-        let mut dh = vec![0f32; f.h.len()];
-        let (mut d1, mut d2, mut dz) = (vec![0.0; r * w], vec![0.0; r * w], vec![0.0; r * zd]);
-        iaf_backward(
-            &mut g,
-            &f.z,
-            &f.h,
-            &mut dh,
-            &f.th,
-            &mut gth,
-            &f.m,
-            r,
-            f.per,
-            Cache {
-                a1: &mut a1,
-                h1: &mut h1,
-                a2: &mut a2,
-                h2: &mut h2,
-                ms: &mut ms,
-                sig: &mut sig,
-                cw: &mut cw,
-            },
-            Some(&cq),
-            (&mut d1, &mut d2, &mut dz),
-            false,
-        );
+        let (_, _, g, gth, dh) = grads(&f, &u, &cq);
         let eps = 1e-2f32;
         let num = |plus: f64, minus: f64| (plus - minus) / (2.0 * eps as f64);
         let close = |a: f64, b: f64, what: &str| {
@@ -488,155 +475,95 @@ mod tests {
         // dense perturbation would give.
         let mut connected = vec![1f32; f.th.len()];
         f.m.mask(&mut connected);
+        let nudged = |v: &[f32], i: usize, by: f32| {
+            let mut v = v.to_vec();
+            v[i] += by;
+            v
+        };
         for i in 0..f.th.len() {
             if connected[i] == 0.0 {
                 assert_eq!(gth[i], 0.0, "masked theta[{i}]");
                 continue;
             }
-            let (mut p, mut q) = (f.th.clone(), f.th.clone());
-            p[i] += eps;
-            q[i] -= eps;
-            let n = num(loss(&p, &f.z, &f.h), loss(&q, &f.z, &f.h));
+            let n = num(
+                loss(&nudged(&f.th, i, eps), &f.z, &f.h),
+                loss(&nudged(&f.th, i, -eps), &f.z, &f.h),
+            );
             close(gth[i] as f64, n, &format!("theta[{i}]"));
         }
-        for i in 0..f.z.len() {
-            let (mut p, mut q) = (f.z.clone(), f.z.clone());
-            p[i] += eps;
-            q[i] -= eps;
-            close(
-                g[i] as f64,
-                num(loss(&f.th, &p, &f.h), loss(&f.th, &q, &f.h)),
-                &format!("z[{i}]"),
+        for (i, gi) in g.iter().enumerate() {
+            let n = num(
+                loss(&f.th, &nudged(&f.z, i, eps), &f.h),
+                loss(&f.th, &nudged(&f.z, i, -eps), &f.h),
             );
+            close(*gi as f64, n, &format!("z[{i}]"));
         }
-        for i in 0..cn * (r / f.per) {
-            let (mut p, mut q) = (f.h.clone(), f.h.clone());
-            p[i] += eps;
-            q[i] -= eps;
-            close(
-                dh[i] as f64,
-                num(loss(&f.th, &f.z, &p), loss(&f.th, &f.z, &q)),
-                &format!("h[{i}]"),
+        for (i, di) in dh.iter().enumerate() {
+            let n = num(
+                loss(&f.th, &f.z, &nudged(&f.h, i, eps)),
+                loss(&f.th, &f.z, &nudged(&f.h, i, -eps)),
             );
+            close(*di as f64, n, &format!("h[{i}]"));
         }
     }
 
     /// The pair against candle's autograd on `model::iaf::IafStep` (the oracle): the same
-    /// parameters, z and contexts, L = sum(u z') + sum(cq lq); every gradient, of the weights
-    /// (masked entries included: zero on both sides), of z and of the context.
+    /// parameters, z and contexts, the same L; every gradient, of the weights (masked entries
+    /// included: zero on both sides), of z and of the context.
     #[test]
     fn backward_matches_candle_autograd() {
         use candle_core::{Device, Tensor, Var};
         let (zd, w, cn, b, per) = (6, 10, 4, 3, 2);
         let f = fixture(zd, w, cn, b, per, 23);
         let r = f.rows;
-        let mut rng = StdRng::seed_from_u64(9);
-        let u: Vec<f32> = (0..r * zd).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let cq: Vec<f32> = (0..r).map(|_| rng.random_range(0.5..1.5)).collect();
-        // The fused side.
-        let (mut a1, mut h1, mut a2, mut h2) = (
-            vec![0.0; r * w],
-            vec![0.0; r * w],
-            vec![0.0; r * w],
-            vec![0.0; r * w],
-        );
-        let (mut ms, mut sig, mut cw) =
-            (vec![0.0; r * 2 * zd], vec![0.0; r * zd], vec![0.0; b * w]);
-        let (mut zo, mut lq) = (vec![0.0; r * zd], vec![0.0; r]);
-        iaf_forward(
-            &f.z,
-            &f.h,
-            &mut zo,
-            &f.th,
-            &f.m,
-            r,
-            per,
-            Cache {
-                a1: &mut a1,
-                h1: &mut h1,
-                a2: &mut a2,
-                h2: &mut h2,
-                ms: &mut ms,
-                sig: &mut sig,
-                cw: &mut cw,
-            },
-            &mut lq,
-            false,
-        );
-        let mut g = u.clone();
-        let mut gth = vec![0f32; f.th.len()];
-        let mut dh = vec![0f32; f.h.len()];
-        let (mut d1, mut d2, mut dz) = (vec![0.0; r * w], vec![0.0; r * w], vec![0.0; r * zd]);
-        iaf_backward(
-            &mut g,
-            &f.z,
-            &f.h,
-            &mut dh,
-            &f.th,
-            &mut gth,
-            &f.m,
-            r,
-            per,
-            Cache {
-                a1: &mut a1,
-                h1: &mut h1,
-                a2: &mut a2,
-                h2: &mut h2,
-                ms: &mut ms,
-                sig: &mut sig,
-                cw: &mut cw,
-            },
-            Some(&cq),
-            (&mut d1, &mut d2, &mut dz),
-            false,
-        );
+        let (u, cq) = loss_weights(&f, 9);
+        let (zo, lq, g, gth, dh) = grads(&f, &u, &cq);
         // The candle side: (out, in) weights, the transposes of theta's (in, out).
         let dev = Device::Cpu;
-        let mut vars = std::collections::HashMap::new();
+        let vm = candle_nn::VarMap::new();
         let lins = [
             ("l1", f.m.l1),
             ("ctx", f.m.ctx),
             ("l2", f.m.l2),
             ("out", f.m.out),
         ];
-        for (name, l) in lins {
-            let wt = Tensor::from_slice(&f.th[l.w..l.b], (l.n_in, l.n_out), &dev)
+        let t2 = |v: &[f32], rows: usize, cols: usize| {
+            Tensor::from_slice(v, (rows, cols), &dev)
                 .unwrap()
                 .t()
                 .unwrap()
                 .contiguous()
-                .unwrap();
-            vars.insert(format!("{name}.weight"), Var::from_tensor(&wt).unwrap());
-            let bt = Tensor::from_slice(&f.th[l.b..l.end()], l.n_out, &dev).unwrap();
-            vars.insert(format!("{name}.bias"), Var::from_tensor(&bt).unwrap());
-        }
-        let vm = candle_nn::VarMap::new();
+                .unwrap()
+        };
         {
             let mut data = vm.data().lock().unwrap();
-            for (k, v) in &vars {
-                data.insert(k.clone(), v.clone());
+            for (name, l) in lins {
+                let wt = t2(&f.th[l.w..l.b], l.n_in, l.n_out);
+                data.insert(format!("{name}.weight"), Var::from_tensor(&wt).unwrap());
+                let bt = Tensor::from_slice(&f.th[l.b..l.end()], l.n_out, &dev).unwrap();
+                data.insert(format!("{name}.bias"), Var::from_tensor(&bt).unwrap());
             }
         }
         let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &dev);
         let step = crate::model::iaf::IafStep::new(zd, w, cn, vb).unwrap();
         let zv = Var::from_tensor(&Tensor::from_slice(&f.z, (r, zd), &dev).unwrap()).unwrap();
         let hv = Var::from_tensor(&Tensor::from_slice(&f.h, (b, cn), &dev).unwrap()).unwrap();
+        // Each image's context repeated over its samples, image-major.
         let hrows = hv
             .as_tensor()
             .unsqueeze(1)
             .unwrap()
             .broadcast_as((b, per, cn))
-            .unwrap()
-            .reshape((r, cn))
             .unwrap();
-        let (zo_c, logdet) = step.forward(zv.as_tensor(), &hrows).unwrap();
+        let (zo_c, logdet) = step
+            .forward(zv.as_tensor(), &hrows.reshape((r, cn)).unwrap())
+            .unwrap();
         let ut = Tensor::from_slice(&u, (r, zd), &dev).unwrap();
         let cqt = Tensor::from_slice(&cq, r, &dev).unwrap();
         // lq = -logdet.
-        let loss = ((zo_c.clone() * ut).unwrap().sum_all().unwrap()
-            - (logdet.clone() * cqt).unwrap().sum_all().unwrap())
-        .unwrap();
-        let grads = loss.backward().unwrap();
+        let zu = (zo_c.clone() * ut).unwrap().sum_all().unwrap();
+        let loss = (zu - (logdet.clone() * cqt).unwrap().sum_all().unwrap()).unwrap();
+        let gr = loss.backward().unwrap();
         let vecf = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let near = |a: &[f32], b: &[f32], what: &str| {
             let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
@@ -649,19 +576,14 @@ mod tests {
         };
         near(&zo, &vecf(&zo_c), "z'");
         near(&lq, &vecf(&logdet.neg().unwrap()), "lq");
-        near(&g, &vecf(grads.get(zv.as_tensor()).unwrap()), "dz");
-        near(&dh, &vecf(grads.get(hv.as_tensor()).unwrap()), "dh");
+        near(&g, &vecf(gr.get(zv.as_tensor()).unwrap()), "dz");
+        near(&dh, &vecf(gr.get(hv.as_tensor()).unwrap()), "dh");
+        let data = vm.data().lock().unwrap();
         for (name, l) in lins {
-            let gw = grads
-                .get(vars[&format!("{name}.weight")].as_tensor())
-                .unwrap();
+            let gw = gr.get(data[&format!("{name}.weight")].as_tensor()).unwrap();
             let gw = vecf(&gw.t().unwrap().contiguous().unwrap());
             near(&gth[l.w..l.b], &gw, &format!("{name}.weight"));
-            let gb = vecf(
-                grads
-                    .get(vars[&format!("{name}.bias")].as_tensor())
-                    .unwrap(),
-            );
+            let gb = vecf(gr.get(data[&format!("{name}.bias")].as_tensor()).unwrap());
             near(&gth[l.b..l.end()], &gb, &format!("{name}.bias"));
         }
     }
