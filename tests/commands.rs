@@ -11,9 +11,10 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The command lines of a Markdown text: lines of indented (4 spaces) or fenced code blocks, and
-/// of a TOML file's comments (`#   vae ...`), continuation lines (`\`) joined, whose command
-/// (after any `VAR=value` assignments) is `vae`. Returns (line number, text).
+/// The command lines of a Markdown text: lines of indented (4 spaces) or fenced code blocks and
+/// inline `vae ...` spans of its prose (synopses aside), and of a TOML file's comments
+/// (`#   vae ...`), continuation lines (`\`) joined, whose command (after any `VAR=value`
+/// assignments) is `vae`. Returns (line number, text).
 fn commands(text: &str, toml: bool) -> Vec<(usize, String)> {
     let mut out = Vec::new();
     let mut fenced = false;
@@ -32,6 +33,17 @@ fn commands(text: &str, toml: bool) -> Vec<(usize, String)> {
         };
         let Some(code) = code else {
             pending = None;
+            // Prose: its inline `vae ...` spans, but not a synopsis (`[--flag X]`, `a \| b`).
+            if !toml {
+                let mut parts = raw.split('`');
+                parts.next();
+                // A span that does not close on its line runs on past it: not taken.
+                while let (Some(span), Some(_)) = (parts.next(), parts.next()) {
+                    if span.starts_with("vae ") && !span.contains("[-") && !span.contains('|') {
+                        out.push((i + 1, span.to_string()));
+                    }
+                }
+            }
             continue;
         };
         let (n, mut line) = match pending.take() {
@@ -126,6 +138,10 @@ fn check(line: &str, zsh: bool, dir: &Path) -> Result<(), String> {
                 "--config" | "-c" => config = it.next().cloned().unwrap_or_default(),
                 _ => {}
             }
+        }
+        // A placeholder (`--config CONFIG` in prose) names no file to resolve against.
+        if config.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            return Ok(());
         }
         let source = vae::config::find(&config).map_err(|e| format!("{e:#}"))?;
         vae::config::resolve(&source, &sets).map_err(|e| format!("{e:#}"))?;
@@ -240,14 +256,17 @@ fn the_checker_catches_unquoted_brackets_and_bad_values() {
     assert!(c("vae sample -n 64 --scale 2 -o sample.png").is_ok());
     assert!(c("RAYON_NUM_THREADS=1 vae train --set train.epochs=1").is_ok());
     let found = commands(
-        "text\n\n    vae train --set a=1 \\\n      --set b=2\n    cargo test\n\n```\nvae eval\n```\n",
+        "text `vae sample -n 4` and `vae train [--config FILE]`\n\n    vae train --set a=1 \\\n      --set b=2\n    cargo test\n\n```\nvae eval\n```\n",
         false,
     );
     assert_eq!(
         found,
         vec![
+            (1, "vae sample -n 4".to_string()),
             (3, "vae train --set a=1  --set b=2".to_string()),
             (8, "vae eval".to_string())
         ]
     );
+    // A placeholder in angle brackets is a redirect to the shell.
+    assert!(c("vae train --resume --run <copy>").is_err());
 }
