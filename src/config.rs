@@ -514,6 +514,8 @@ pub enum Activation {
     Softplus,
     Sigmoid,
     Gelu,
+    /// Clevert et al. (2016): a for a > 0, e^a - 1 otherwise (the IAF paper's networks).
+    Elu,
     /// A gated dense layer (Dauphin et al. 2017; Tomczak & Welling 2018): h = (W1 x + b1) *
     /// sigmoid(W2 x + b2), the gate a second linear map of the same input.
     Gated,

@@ -232,6 +232,7 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
         Activation::Softplus => x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?,
         Activation::Sigmoid => candle_nn::ops::sigmoid(x),
         Activation::Gelu => x.gelu(),
+        Activation::Elu => x.elu(1.0),
         // The gate needs its own linear map; `Mlp` applies it.
         Activation::Gated => Err(candle_core::Error::Msg(
             "the gated activation is a layer of its own, not a function".into(),

@@ -76,6 +76,7 @@ fn activation_name(a: Activation) -> &'static str {
         Activation::Softplus => "softplus",
         Activation::Sigmoid => "sigmoid",
         Activation::Gelu => "gelu",
+        Activation::Elu => "elu",
         Activation::Gated => "gated",
     }
 }

@@ -96,6 +96,7 @@ fn the_page_decodes_as_vae_does() {
         &["model.activation=tanh"],
         &["model.activation=softplus"],
         &["model.activation=sigmoid"],
+        &["model.activation=elu"],
         &["data.channels=3", "model.latent=2"],
         &[
             "model.arch=\"conv\"",

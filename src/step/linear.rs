@@ -11,7 +11,7 @@
 //! pass that reads its product (`act_forward` here; the latent and likelihood passes for the
 //! heads and the output layer), so no pass over a product is spent on the bias alone.
 
-use super::math::{matmul, simd, softplus_and_sigmoid, tanh_f32, GELU_A, GELU_C};
+use super::math::{exp_f32, matmul, simd, softplus_and_sigmoid, tanh_f32, GELU_A, GELU_C};
 use crate::config::Activation;
 
 /// A linear layer's place in `theta`: W (n_in, n_out) row-major at `w`, bias (n_out) at `b`.
@@ -104,6 +104,13 @@ fn act_fwd(act: Activation, a: f32) -> f32 {
         Activation::Sigmoid => softplus_and_sigmoid(a).1,
         // candle's `gelu`: the tanh form, 1/2 a (1 + tanh(c (a + 0.044715 a^3))).
         Activation::Gelu => 0.5 * a * (1.0 + tanh_f32(GELU_C * (a + GELU_A * a * a * a))),
+        Activation::Elu => {
+            if a > 0.0 {
+                a
+            } else {
+                exp_f32(a) - 1.0
+            }
+        }
         // Not elementwise: `gated_forward` takes it (never reached through here).
         Activation::Gated => a,
     }
@@ -127,6 +134,14 @@ fn act_grad(act: Activation, a: f32, h: f32) -> f32 {
             let t = tanh_f32(GELU_C * (a + GELU_A * a * a * a));
             0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * a * a)
         }
+        // e^a = h + 1 below 0.
+        Activation::Elu => {
+            if a > 0.0 {
+                1.0
+            } else {
+                h + 1.0
+            }
+        }
         // Not elementwise: `gated_backward` takes it (never reached through here).
         Activation::Gated => 1.0,
     }
@@ -143,17 +158,19 @@ macro_rules! with_act {
             Activation::Sigmoid => $f::<3>($($arg),*),
             Activation::Gelu => $f::<4>($($arg),*),
             Activation::Gated => $f::<5>($($arg),*),
+            Activation::Elu => $f::<6>($($arg),*),
         }
     };
 }
 
-const ACTS: [Activation; 6] = [
+const ACTS: [Activation; 7] = [
     Activation::Relu,
     Activation::Tanh,
     Activation::Softplus,
     Activation::Sigmoid,
     Activation::Gelu,
     Activation::Gated,
+    Activation::Elu,
 ];
 
 /// The width of a hidden layer's output: a gated layer's product has twice its outputs.
@@ -316,8 +333,15 @@ mod tests {
         assert!(close(act_fwd(Activation::Sigmoid, 0.0), 0.5));
         assert!(close(act_fwd(Activation::Gelu, 1.0), 0.841_192));
         assert!(close(act_grad(Activation::Gelu, 0.0, 0.0), 0.5));
-        // Every slope against central differences (f32, h = 1e-2: error O(h^2)).
-        for act in &ACTS[..5] {
+        // elu(1) = 1, elu(-1) = e^-1 - 1 = -0.632121 with slope e^-1 = 0.367879.
+        assert_eq!(act_fwd(Activation::Elu, 1.0), 1.0);
+        assert!(close(act_fwd(Activation::Elu, -1.0), -0.632_121));
+        assert!(close(
+            act_grad(Activation::Elu, -1.0, -0.632_121),
+            0.367_879
+        ));
+        // Every slope against central differences (f32, h = 1e-2: error O(h^2)); not gated.
+        for act in ACTS.iter().filter(|a| **a != Activation::Gated) {
             let act = *act;
             for i in -30..=30 {
                 let a = i as f32 * 0.17 + 0.01;

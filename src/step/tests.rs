@@ -211,7 +211,12 @@ fn conv_network_every_activation_objective_and_prior() {
     // padding 1): 8 -> 4 -> 2; a non-square colour image through stride 1 then 2.
     let grey = || convnet([1, 8, 8], vec![[3, 4, 2], [4, 3, 2]], vec![6], 3);
     let colour = || convnet([3, 4, 6], vec![[2, 3, 1], [3, 2, 2]], vec![5], 2);
-    for act in [Activation::Relu, Activation::Tanh, Activation::Gated] {
+    for act in [
+        Activation::Relu,
+        Activation::Tanh,
+        Activation::Elu,
+        Activation::Gated,
+    ] {
         check(ModelConfig {
             activation: act,
             ..grey()
@@ -286,6 +291,7 @@ fn plain_vae_every_activation_and_decoder() {
         Activation::Softplus,
         Activation::Sigmoid,
         Activation::Gelu,
+        Activation::Elu,
         Activation::Gated,
     ] {
         check(ModelConfig {
