@@ -66,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.0,
+        adamax: false,
     };
     let mut f = Fused::new(&cfg, dim, &params, adam, bs)?;
     let mut times = Vec::new();

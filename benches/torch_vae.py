@@ -23,6 +23,7 @@ Recipes (flags as the peer script of the project's bench folder takes them):
 - `--k K --objective mc|iwae`: K samples of z per image, averaged (mc) or importance-weighted
   (Burda et al. 2015); `--bf16`: the training forward under torch.autocast(bfloat16).
 - `--iw K [--iw-limit N]`: at the end, -log p(x) by K importance samples on the test images.
+- `--optimizer adamax`: torch.optim.Adamax instead of Adam (`train.optimizer = "adamax"`).
 
 Output, one line per epoch (compare-pytorch.sh reads fields 2, 4 and 8):
 
@@ -233,6 +234,7 @@ def parse():
     ap.add_argument("--objective", default="mc", choices=["mc", "iwae"])
     ap.add_argument("--binarize", default="none", choices=["none", "dynamic"])
     ap.add_argument("--bf16", action="store_true", help="training forward under torch.autocast(bfloat16)")
+    ap.add_argument("--optimizer", default="adam", choices=["adam", "adamax"])
     ap.add_argument("--iw", type=int, default=0, help="importance samples for a final -log p(x)")
     ap.add_argument("--iw-limit", type=int, default=0, help="--iw on the first N test images (0: all)")
     ap.add_argument("--limit", type=int, default=0, help="train on the first N images (0: all)")
@@ -255,7 +257,7 @@ def main():
         torch.set_num_threads(a.threads)
     act = {"relu": nn.ReLU, "tanh": nn.Tanh}[a.act]
     model = (TwoLayerVae if len(a.latents) == 2 else OneLayerVae)(a, act)
-    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    opt = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[a.optimizer](model.parameters(), lr=a.lr)
 
     xtr = load_split(a.data, "train").reshape(-1, 784)
     xte = load_split(a.data, "t10k").reshape(-1, 784)

@@ -555,6 +555,20 @@ pub struct TrainConfig {
     pub normalize_grad: bool,
     /// Evaluate the test set (and draw the epoch's pictures) every N epochs and at the last.
     pub eval_every: usize,
+    /// Adam, or Adamax (the IAF paper's optimizer).
+    pub optimizer: Optimizer,
+}
+
+/// The update rule of `train.optimizer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    /// Kingma & Ba 2015, Algorithm 1 (PyTorch's `torch.optim.Adam`).
+    #[default]
+    Adam,
+    /// Kingma & Ba 2015, section 7.1: the infinity norm in place of the second moment
+    /// (PyTorch's `torch.optim.Adamax`).
+    Adamax,
 }
 
 /// How the learning rate moves over epochs (`schedule::lr`).
@@ -665,6 +679,7 @@ impl Default for TrainConfig {
             patience: 0,
             normalize_grad: false,
             eval_every: 1,
+            optimizer: Optimizer::Adam,
         }
     }
 }

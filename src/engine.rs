@@ -31,6 +31,7 @@ pub fn adam_config(cfg: &Config) -> AdamConfig {
         beta2: cfg.train.beta2,
         eps: cfg.train.adam_eps,
         weight_decay: cfg.train.weight_decay,
+        adamax: cfg.train.optimizer == crate::config::Optimizer::Adamax,
     }
 }
 

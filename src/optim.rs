@@ -2,6 +2,10 @@
 //! 2019). With weight_decay = 0 it is PyTorch's `torch.optim.Adam`, the reference recipe's
 //! optimizer; eps is added after the bias-corrected square root, as PyTorch does.
 //!
+//! `adamax`: Adamax (Kingma & Ba 2015, section 7.1, PyTorch's `torch.optim.Adamax`): the second
+//! moment is replaced by u = max(beta2 u, |g| + eps) and theta -= lr / (1 - beta1^t) m / u, u kept
+//! where v is (the same checkpoint names); weight decay stays decoupled for both.
+//!
 //! The moments are kept by parameter name so a checkpoint can store them.
 
 use candle_core::backprop::GradStore;
@@ -19,6 +23,8 @@ pub struct AdamConfig {
     /// Divide each parameter tensor's gradient by its L2 norm (+ 1e-7) first: the AdamNormGrad
     /// of Tomczak & Welling's code (jmtomczak/vae_vampprior, utils/optimizer.py).
     pub normalize_grad: bool,
+    /// Adamax instead of Adam.
+    pub adamax: bool,
 }
 
 /// Added to a gradient's norm before dividing by it (their 1.e-7).
@@ -91,9 +97,16 @@ impl Adam {
                 g
             };
             let m = ((s.m.as_tensor() * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((s.v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            // theta -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
-            let denom = ((v.sqrt()? * (1.0 / bc2.sqrt()))? + c.eps)?;
+            let (v, denom) = if c.adamax {
+                // u = max(beta2 u, |g| + eps); theta -= lr/bc1 * m / u
+                let u = (s.v.as_tensor() * c.beta2)?.maximum(&(g.abs()? + c.eps)?)?;
+                (u.clone(), u)
+            } else {
+                let v = ((s.v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                // theta -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+                let denom = ((v.sqrt()? * (1.0 / bc2.sqrt()))? + c.eps)?;
+                (v, denom)
+            };
             let mut theta = s.theta.as_tensor().clone();
             if c.weight_decay > 0.0 {
                 theta = (theta * (1.0 - c.lr * c.weight_decay))?;
@@ -158,6 +171,7 @@ mod tests {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            adamax: false,
         };
         let mut opt = Adam::new(&vm, cfg).unwrap();
         let w = Tensor::new(&[3f32, -2.0], &Device::Cpu).unwrap();
@@ -177,5 +191,43 @@ mod tests {
             "{got:?}"
         );
         assert_eq!(opt.state().len(), 2);
+    }
+
+    #[test]
+    fn adamax_by_hand() {
+        // theta = [1, 1], lr 0.1, beta1 0.9, beta2 0.999. Step 1, g = [3, -2]: m = [0.3, -0.2],
+        // u = |g| = [3, 2], theta -= 0.1 / 0.1 * m / u = [0.1, -0.1] -> [0.9, 1.1].
+        // Step 2, g = [1, -4]: m = [0.37, -0.58], u = max(0.999 u, |g|) = [2.997, 4],
+        // theta -= 0.1 / 0.19 * m / u = [0.0649773, -0.0763158] -> [0.8350227, 1.1763158]
+        // (Adam would give [0.812894, 1.196518]).
+        let vm = VarMap::new();
+        let p = Var::from_tensor(&Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap()).unwrap();
+        vm.data().lock().unwrap().insert("p".into(), p.clone());
+        let cfg = AdamConfig {
+            normalize_grad: false,
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            adamax: true,
+        };
+        let mut opt = Adam::new(&vm, cfg).unwrap();
+        let step = |opt: &mut Adam, g: [f32; 2]| {
+            let w = Tensor::new(&g, &Device::Cpu).unwrap();
+            let loss = (p.as_tensor() * &w).unwrap().sum_all().unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+            p.as_tensor().to_vec1::<f32>().unwrap()
+        };
+        let got = step(&mut opt, [3.0, -2.0]);
+        assert!(
+            (got[0] - 0.9).abs() < 1e-6 && (got[1] - 1.1).abs() < 1e-6,
+            "{got:?}"
+        );
+        let got = step(&mut opt, [1.0, -4.0]);
+        assert!(
+            (got[0] - 0.835_022_7).abs() < 1e-5 && (got[1] - 1.176_315_8).abs() < 1e-5,
+            "{got:?}"
+        );
     }
 }

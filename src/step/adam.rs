@@ -1,5 +1,6 @@
 //! Adam on flat buffers (Kingma & Ba 2015, Algorithm 1, with PyTorch's placement of eps and
-//! decoupled weight decay, Loshchilov & Hutter 2019): the same update as `optim::Adam`, one
+//! decoupled weight decay, Loshchilov & Hutter 2019), or Adamax (their section 7.1): the same
+//! update as `optim::Adam`, one
 //! vectorized pass per parameter range, run by the backward as soon as a layer's gradient is
 //! final (while parameters, gradient and moments are still in cache).
 
@@ -16,6 +17,8 @@ pub struct AdamStep {
     inv_sqrt_bc2: f32,
     eps: f32,
     decay: f32,
+    /// Adamax: `v` holds u = max(b2 u, |g| + eps), and the step is step_size m / u.
+    adamax: bool,
 }
 
 impl AdamStep {
@@ -30,6 +33,7 @@ impl AdamStep {
             inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
             eps: c.eps as f32,
             decay: (1.0 - lr * c.weight_decay) as f32,
+            adamax: c.adamax,
         }
     }
 
@@ -51,6 +55,18 @@ impl AdamStep {
     /// `apply` on this thread.
     fn apply_1(&self, th: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
         let a = *self;
+        if a.adamax {
+            return simd!({
+                for i in 0..th.len() {
+                    let gi = g[i];
+                    let mi = a.b1 * m[i] + (1.0 - a.b1) * gi;
+                    let ui = (a.b2 * v[i]).max(gi.abs() + a.eps);
+                    m[i] = mi;
+                    v[i] = ui;
+                    th[i] = th[i] * a.decay - a.step_size * mi / ui;
+                }
+            });
+        }
         simd!({
             for i in 0..th.len() {
                 let gi = g[i];

@@ -89,6 +89,7 @@ fn check_with(model: ModelConfig, mc: usize, iw: usize, kl_weight: f64, median_f
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.01,
+        adamax: false,
     };
     let (vm, m, xt, et) = candle_side(&model, dim, &params, &x, &eps);
     let free_bits = if median_free_bits {
@@ -627,13 +628,15 @@ fn adam_step_matches_optim() {
         activation: Activation::Gated,
         ..chain(vec![6], vec![5], (3, 2))
     };
-    for (model, normalize) in [
-        (small(vec![6], 2), false),
-        (small(vec![6], 2), true),
-        (gated.clone(), false),
-        (gated, true),
-        (two.clone(), false),
-        (two, true),
+    for (model, normalize, adamax) in [
+        (small(vec![6], 2), false, false),
+        (small(vec![6], 2), true, false),
+        (small(vec![6], 2), false, true),
+        (gated.clone(), false, false),
+        (gated.clone(), true, false),
+        (gated, false, true),
+        (two.clone(), false, false),
+        (two, true, true),
         (
             ModelConfig {
                 prior: crate::config::Prior::Vamp,
@@ -641,6 +644,7 @@ fn adam_step_matches_optim() {
                 ..hvae(vec![6, 5], vec![5], (3, 2))
             },
             true,
+            false,
         ),
     ] {
         let cfg = config(model.clone(), 1, 1);
@@ -653,6 +657,7 @@ fn adam_step_matches_optim() {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.1,
+            adamax,
         };
         let (vm, m, xt, et) = candle_side(&model, dim, &params, &x, &eps);
         let mut opt = crate::optim::Adam::new(&vm, ac).unwrap();
@@ -677,7 +682,7 @@ fn adam_step_matches_optim() {
             for (u, w) in a.iter().zip(&g) {
                 assert!(
                     (u - w).abs() < 1e-5,
-                    "{model:?} normalize {normalize}: {name}: {u} vs {w}"
+                    "{model:?} normalize {normalize} adamax {adamax}: {name}: {u} vs {w}"
                 );
             }
         }
@@ -798,6 +803,7 @@ fn iwae_leaves_out_only_negligible_samples() {
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.0,
+        adamax: false,
     };
     let mut grads = Vec::new();
     for all in [false, true] {
