@@ -24,6 +24,7 @@ Recipes (flags as the peer script of the project's bench folder takes them):
   (Burda et al. 2015); `--bf16`: the training forward under torch.autocast(bfloat16).
 - `--iw K [--iw-limit N]`: at the end, -log p(x) by K importance samples on the test images.
 - `--optimizer adamax`: torch.optim.Adamax instead of Adam (`train.optimizer = "adamax"`).
+- `--ema D`: evaluate a moving average of the weights (`train.ema = D`).
 
 Output, one line per epoch (compare-pytorch.sh reads fields 2, 4 and 8):
 
@@ -235,6 +236,7 @@ def parse():
     ap.add_argument("--binarize", default="none", choices=["none", "dynamic"])
     ap.add_argument("--bf16", action="store_true", help="training forward under torch.autocast(bfloat16)")
     ap.add_argument("--optimizer", default="adam", choices=["adam", "adamax"])
+    ap.add_argument("--ema", type=float, default=0.0, help="evaluate a moving average of the weights, decay D")
     ap.add_argument("--iw", type=int, default=0, help="importance samples for a final -log p(x)")
     ap.add_argument("--iw-limit", type=int, default=0, help="--iw on the first N test images (0: all)")
     ap.add_argument("--limit", type=int, default=0, help="train on the first N images (0: all)")
@@ -269,13 +271,27 @@ def main():
         # The test set binarized once, from its own generator, so every epoch scores the same bits.
         xte = torch.bernoulli(xte, generator=torch.Generator().manual_seed(a.seed + 1))
 
+    # train.ema: e = D e + (1 - D) w after every step, from the initial weights; the evaluations
+    # run on the average (swapped in and out).
+    ema = [p.detach().clone() for p in model.parameters()] if a.ema else None
+
+    def swap():
+        if ema:
+            with torch.no_grad():
+                for e, p in zip(ema, model.parameters()):
+                    t = p.detach().clone()
+                    p.copy_(e)
+                    e.copy_(t)
+
     def test_nelbo():
+        swap()
         model.eval()
         total = 0.0
         with torch.no_grad():
             for i in range(0, len(xte), 1000):
                 total += objective(model, xte[i:i + 1000], 1, "mc").item()
         model.train()
+        swap()
         return total / len(xte)
 
     n = len(xtr)
@@ -291,11 +307,16 @@ def main():
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema:
+                with torch.no_grad():
+                    for e, p in zip(ema, model.parameters()):
+                        e.lerp_(p, 1 - a.ema)
             total += loss.item()
         dt = time.perf_counter() - t0
         print(f"epoch {epoch} train_s {dt:.2f} train_nelbo {total / n:.2f} test_nelbo {test_nelbo():.2f}", flush=True)
 
     if a.iw:
+        swap()
         t0 = time.perf_counter()
         x = xte[:a.iw_limit] if a.iw_limit else xte
         model.eval()

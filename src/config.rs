@@ -557,6 +557,9 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Adam, or Adamax (the IAF paper's optimizer).
     pub optimizer: Optimizer,
+    /// Decay of a moving average of the weights that evaluation, the checkpoint's model and the
+    /// pictures use (0: none).
+    pub ema: f64,
 }
 
 /// The update rule of `train.optimizer`.
@@ -680,6 +683,7 @@ impl Default for TrainConfig {
             normalize_grad: false,
             eval_every: 1,
             optimizer: Optimizer::Adam,
+            ema: 0.0,
         }
     }
 }
@@ -1045,6 +1049,7 @@ impl Config {
         for (v, key) in [
             (self.train.beta1, "train.beta1"),
             (self.train.beta2, "train.beta2"),
+            (self.train.ema, "train.ema"),
         ] {
             if !(0.0..1.0).contains(&v) {
                 bail!("key `{key}` must be in [0, 1), got {v}");

@@ -21,6 +21,8 @@ pub struct Trainer {
     pub model: Vae,
     pub varmap: VarMap,
     pub adam: Adam,
+    /// `train.ema`: the decay and each variable's moving average, updated after every step.
+    pub ema: Option<(f64, HashMap<String, Tensor>)>,
 }
 
 pub fn adam_config(cfg: &Config) -> AdamConfig {
@@ -54,6 +56,7 @@ impl Trainer {
             model,
             varmap,
             adam,
+            ema: None,
         })
     }
 
@@ -64,6 +67,13 @@ impl Trainer {
         let (loss, rs, ks) = self.model.training_loss(x, eps, o)?;
         let grads = loss.backward()?;
         self.adam.step(&grads)?;
+        if let Some((d, e)) = self.ema.as_mut() {
+            for (name, w) in model::snapshot(&self.varmap)? {
+                if let Some(ev) = e.get_mut(&name) {
+                    *ev = ((&*ev * *d)? + (w * (1.0 - *d))?)?;
+                }
+            }
+        }
         Ok(Tensor::stack(&[rs.detach(), ks.detach()], 0)?)
     }
 }
@@ -250,6 +260,43 @@ impl Engine {
         }
     }
 
+    /// Keeps a moving average of the weights with `decay` from now on (`train.ema`), started at
+    /// `start` (a resumed run's average, checkpoint layout) or at the current weights.
+    pub fn set_ema(&mut self, decay: f64, start: Option<&HashMap<String, Tensor>>) -> Result<()> {
+        match self {
+            Engine::Fused { f, .. } => f.set_ema(decay, start),
+            Engine::Autograd { t, .. } => {
+                let now = model::snapshot(&t.varmap)?;
+                let mut e = HashMap::new();
+                for (name, w) in now {
+                    let v = match start.and_then(|s| s.get(&name)) {
+                        Some(s) => s.to_device(w.device())?,
+                        None => w.copy()?,
+                    };
+                    e.insert(name, v);
+                }
+                t.ema = Some((decay, e));
+                Ok(())
+            }
+        }
+    }
+
+    /// The moving average of the weights, checkpoint layout, when one is kept.
+    pub fn ema_params(&self) -> Result<Option<HashMap<String, Tensor>>> {
+        match self {
+            Engine::Fused { f, .. } => f.ema_params(),
+            Engine::Autograd { t, .. } => Ok(t.ema.as_ref().map(|(_, e)| e.clone())),
+        }
+    }
+
+    /// The weights evaluations use: the moving average when one is kept, else the weights.
+    pub fn eval_params(&self) -> Result<HashMap<String, Tensor>> {
+        match self.ema_params()? {
+            Some(e) => Ok(e),
+            None => self.params(),
+        }
+    }
+
     pub fn optimizer_state(&self) -> Result<HashMap<String, Tensor>> {
         match self {
             Engine::Fused { f, .. } => f.adam_state(),
@@ -280,7 +327,7 @@ impl Engine {
         dim: usize,
         dev: &Device,
     ) -> Result<(Vae, HashMap<String, Tensor>)> {
-        let params = self.params()?;
+        let params = self.eval_params()?;
         let params = params
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_device(dev)?)))

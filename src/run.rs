@@ -17,6 +17,9 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIM_FILE: &str = "optimizer.safetensors";
 /// With a validation split, the latest weights (for `--resume`); `MODEL_FILE` is then the best.
 pub const LAST_FILE: &str = "last.safetensors";
+/// With `train.ema`: the latest moving average of the weights (`model.safetensors` holds the
+/// average too: the latest, or the best epoch's with a validation split).
+pub const EMA_FILE: &str = "ema.safetensors";
 pub const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.csv";

@@ -222,8 +222,9 @@ pub fn resume(run_arg: Option<&str>, overrides: &[String], opts: &Options) -> Re
         );
     }
     let dev = device::open(&cfg.device).context("key `device` / --device")?;
-    // With a validation split the run's model is the best epoch; training goes on from the last.
-    let model_path = run_dir.join(if cfg.data.valid > 0 {
+    // With a validation split the run's model is the best epoch, with a moving average it is
+    // the average: either way training goes on from the last weights.
+    let model_path = run_dir.join(if cfg.data.valid > 0 || cfg.train.ema > 0.0 {
         run::LAST_FILE
     } else {
         run::MODEL_FILE
@@ -454,6 +455,7 @@ impl<'a> Session<'a> {
             partial,
             best,
         } = start;
+        let resuming = resumed.is_some();
         let (params, moments) = match resumed {
             Some((p, m, step)) => (p, Some((m, step))),
             None => (fresh, None),
@@ -468,6 +470,17 @@ impl<'a> Session<'a> {
             Some(d) => d,
             None => run::create(cfg, opts.run.as_deref())?,
         };
+        if cfg.train.ema > 0.0 {
+            // A resumed run's average goes on from its file; a fresh one (or a run that turns
+            // the average on when resumed) starts it at the current weights.
+            let file = run_dir.join(run::EMA_FILE);
+            let start = if resuming && file.is_file() {
+                Some(run::load_tensors(&file, &Device::Cpu)?)
+            } else {
+                None
+            };
+            engine.set_ema(cfg.train.ema, start.as_ref())?;
+        }
         let lock = run::Lock::take(&run_dir)?;
         run::clean_temporaries(&run_dir);
         interrupt::install();
@@ -825,13 +838,22 @@ fn checkpoint(
             );
         }
     }
-    if cfg.data.valid > 0 {
-        run::save_tensors(&run_dir.join(run::LAST_FILE), &params)?;
-        if improved {
-            run::save_tensors(&run_dir.join(run::MODEL_FILE), &params)?;
+    match engine.ema_params()? {
+        // The weights go on in last.safetensors; the run's model is their average.
+        Some(avg) => {
+            run::save_tensors(&run_dir.join(run::LAST_FILE), &params)?;
+            run::save_tensors(&run_dir.join(run::EMA_FILE), &avg)?;
+            if cfg.data.valid == 0 || improved {
+                run::save_tensors(&run_dir.join(run::MODEL_FILE), &avg)?;
+            }
         }
-    } else {
-        run::save_tensors(&run_dir.join(run::MODEL_FILE), &params)?;
+        None if cfg.data.valid > 0 => {
+            run::save_tensors(&run_dir.join(run::LAST_FILE), &params)?;
+            if improved {
+                run::save_tensors(&run_dir.join(run::MODEL_FILE), &params)?;
+            }
+        }
+        None => run::save_tensors(&run_dir.join(run::MODEL_FILE), &params)?,
     }
     run::save_tensors(&run_dir.join(run::OPTIM_FILE), &engine.optimizer_state()?)?;
     let state = State {

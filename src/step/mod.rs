@@ -1148,6 +1148,9 @@ pub struct Fused {
     pub iw_all_rows: bool,
     /// Every tensor's block, when Adam normalizes each tensor's gradient; else empty.
     blocks: Vec<adam::Block>,
+    /// `train.ema`: the decay and the moving average of theta, e = d e + (1 - d) theta after
+    /// every step; `evaluate` and `ema_params` use it.
+    ema: Option<(f32, Vec<f32>)>,
 }
 
 impl Fused {
@@ -1194,8 +1197,30 @@ impl Fused {
             } else {
                 Vec::new()
             },
+            ema: None,
             net,
         })
+    }
+
+    /// Keeps a moving average of the parameters with `decay` from now on, started at `start`
+    /// (checkpoint layout; a resumed run's average) or at the current parameters.
+    pub fn set_ema(&mut self, decay: f64, start: Option<&HashMap<String, Tensor>>) -> Result<()> {
+        let mut e = self.theta.clone();
+        if let Some(p) = start {
+            self.net
+                .import(p, &mut e)
+                .context("the moving average of the weights")?;
+        }
+        self.ema = Some((decay as f32, e));
+        Ok(())
+    }
+
+    /// The moving average of the parameters in checkpoint layout, when one is kept.
+    pub fn ema_params(&self) -> Result<Option<HashMap<String, Tensor>>> {
+        self.ema
+            .as_ref()
+            .map(|(_, e)| self.net.export(e))
+            .transpose()
     }
 
     /// Sets the KL weight (beta times the warm-up ramp) and the free bits (nats per dimension)
@@ -1232,7 +1257,16 @@ impl Fused {
         let a = AdamStep::new(&self.adam, self.step, self.lr);
         // On a pool worker: the step's parallel products and joins then hand work to the other
         // worker directly instead of each waking the pool from outside.
-        Ok(rayon::scope(|_| self.forward_backward(rows, Some(a))))
+        let sums = rayon::scope(|_| self.forward_backward(rows, Some(a)));
+        if let Some((d, e)) = self.ema.as_mut() {
+            let (d, th) = (*d, &self.theta);
+            math::simd!({
+                for (ev, tv) in e.iter_mut().zip(th) {
+                    *ev = d * *ev + (1.0 - d) * tv;
+                }
+            });
+        }
+        Ok(sums)
     }
 
     /// The loss pass over the decoder's output: each sample's -log p(x|z) and its gradient,
@@ -1597,8 +1631,12 @@ impl Fused {
                 eps.len()
             );
         }
-        // One sample per image whatever the training's S (the buffers hold cap S rows).
+        // One sample per image whatever the training's S (the buffers hold cap S rows); on the
+        // moving average of the weights when one is kept (swapped in, and back below).
         let s = std::mem::replace(&mut self.work.s, 1);
+        if let Some((_, e)) = self.ema.as_mut() {
+            std::mem::swap(&mut self.theta, e);
+        }
         let (mut recon, mut kl) = (0f64, 0f64);
         let mut i = 0;
         while i < n {
@@ -1618,6 +1656,9 @@ impl Fused {
             i += b;
         }
         self.work.s = s;
+        if let Some((_, e)) = self.ema.as_mut() {
+            std::mem::swap(&mut self.theta, e);
+        }
         Ok((recon, kl))
     }
 

@@ -834,3 +834,56 @@ fn iwae_leaves_out_only_negligible_samples() {
         }
     }
 }
+
+#[test]
+fn moving_average_follows_its_formula() {
+    // e_0 = theta_0, e_t = d e_{t-1} + (1 - d) theta_t after each step, d = 0.8; and
+    // `evaluate` scores the average, not the weights.
+    let model = small(vec![6], 2);
+    let cfg = config(model.clone(), 1, 1);
+    let (dim, b) = (9, 4);
+    let (params, x, eps) = fixture(&model, dim, b, 1, 3);
+    let ac = AdamConfig {
+        normalize_grad: false,
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        adamax: false,
+    };
+    let mut f = Fused::new(&cfg, dim, &params, ac, b).unwrap();
+    f.set_ema(0.8, None).unwrap();
+    let flat = |h: &HashMap<String, Tensor>| -> Vec<f32> {
+        let mut names: Vec<&String> = h.keys().collect();
+        names.sort();
+        names
+            .iter()
+            .flat_map(|n| h[*n].flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    let mut want = flat(&f.params().unwrap());
+    for _ in 0..3 {
+        f.x_mut(b).copy_from_slice(&x);
+        f.eps_mut(b).copy_from_slice(&eps);
+        f.step(b).unwrap();
+        let now = flat(&f.params().unwrap());
+        for (e, t) in want.iter_mut().zip(&now) {
+            *e = 0.8 * *e + 0.2 * t;
+        }
+    }
+    let got = flat(&f.ema_params().unwrap().unwrap());
+    for (i, (a, w)) in got.iter().zip(&want).enumerate() {
+        assert!((a - w).abs() < 1e-6, "element {i}: {a} vs {w}");
+    }
+    // The average's -ELBO, against a trainer built on the average itself.
+    let avg = f.ema_params().unwrap().unwrap();
+    let mut g = Fused::new(&cfg, dim, &avg, ac, b).unwrap();
+    let before = flat(&f.params().unwrap());
+    let (r1, k1) = f.evaluate(&x, &eps[..b * 2]).unwrap();
+    let (r2, k2) = g.evaluate(&x, &eps[..b * 2]).unwrap();
+    assert_eq!((r1, k1), (r2, k2));
+    // And the weights came back after the evaluation (they differ from the average).
+    assert_eq!(flat(&f.params().unwrap()), before);
+    assert_ne!(before, got);
+}
