@@ -157,10 +157,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    #[test]
-    fn first_step_moves_by_lr_times_sign() {
-        // At t = 1, m_hat = g and v_hat = g^2, so the step is lr * g / (|g| + eps) ~ lr * sign(g).
-        // theta = [1, 1], loss = 3*theta0 - 2*theta1, g = [3, -2], lr = 0.1 -> [0.9, 1.1].
+    /// One variable p = [1, 1] and the optimizer over it: lr 0.1, beta1 0.9, beta2 0.999.
+    fn one_var(adamax: bool) -> (Var, Adam) {
         let vm = VarMap::new();
         let p = Var::from_tensor(&Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap()).unwrap();
         vm.data().lock().unwrap().insert("p".into(), p.clone());
@@ -171,9 +169,16 @@ mod tests {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
-            adamax: false,
+            adamax,
         };
-        let mut opt = Adam::new(&vm, cfg).unwrap();
+        (p, Adam::new(&vm, cfg).unwrap())
+    }
+
+    #[test]
+    fn first_step_moves_by_lr_times_sign() {
+        // At t = 1, m_hat = g and v_hat = g^2, so the step is lr * g / (|g| + eps) ~ lr * sign(g).
+        // theta = [1, 1], loss = 3*theta0 - 2*theta1, g = [3, -2], lr = 0.1 -> [0.9, 1.1].
+        let (p, mut opt) = one_var(false);
         let w = Tensor::new(&[3f32, -2.0], &Device::Cpu).unwrap();
         let loss = (p.as_tensor() * &w).unwrap().sum_all().unwrap();
         opt.step(&loss.backward().unwrap()).unwrap();
@@ -200,19 +205,7 @@ mod tests {
         // Step 2, g = [1, -4]: m = [0.37, -0.58], u = max(0.999 u, |g|) = [2.997, 4],
         // theta -= 0.1 / 0.19 * m / u = [0.0649773, -0.0763158] -> [0.8350227, 1.1763158]
         // (Adam would give [0.812894, 1.196518]).
-        let vm = VarMap::new();
-        let p = Var::from_tensor(&Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap()).unwrap();
-        vm.data().lock().unwrap().insert("p".into(), p.clone());
-        let cfg = AdamConfig {
-            normalize_grad: false,
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            adamax: true,
-        };
-        let mut opt = Adam::new(&vm, cfg).unwrap();
+        let (p, mut opt) = one_var(true);
         let step = |opt: &mut Adam, g: [f32; 2]| {
             let w = Tensor::new(&g, &Device::Cpu).unwrap();
             let loss = (p.as_tensor() * &w).unwrap().sum_all().unwrap();

@@ -1259,12 +1259,20 @@ impl Fused {
         // worker directly instead of each waking the pool from outside.
         let sums = rayon::scope(|_| self.forward_backward(rows, Some(a)));
         if let Some((d, e)) = self.ema.as_mut() {
-            let (d, th) = (*d, &self.theta);
-            math::simd!({
-                for (ev, tv) in e.iter_mut().zip(th) {
-                    *ev = d * *ev + (1.0 - d) * tv;
-                }
-            });
+            // Elementwise, so in chunks on both workers as Adam's update is (a large flow's
+            // tens of millions of parameters would otherwise wait on one core each step).
+            use rayon::prelude::*;
+            let d = *d;
+            let blend = |e: &mut [f32], th: &[f32]| {
+                math::simd!({
+                    for (ev, tv) in e.iter_mut().zip(th) {
+                        *ev = d * *ev + (1.0 - d) * tv;
+                    }
+                })
+            };
+            e.par_chunks_mut(1 << 15)
+                .zip(self.theta.par_chunks(1 << 15))
+                .for_each(|(e, th)| blend(e, th));
         }
         Ok(sums)
     }

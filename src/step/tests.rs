@@ -27,6 +27,19 @@ fn config(model: ModelConfig, mc: usize, iw: usize) -> Config {
     }
 }
 
+/// Adam's (or Adamax's) settings of these tests: beta1 0.9, beta2 0.999, eps 1e-8.
+fn adam_cfg(lr: f64, weight_decay: f64, normalize_grad: bool, adamax: bool) -> AdamConfig {
+    AdamConfig {
+        normalize_grad,
+        lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay,
+        adamax,
+    }
+}
+
 /// Seeded parameters, a batch x in [0, 1] (b, dim) and noise eps (b S, Z), drawn in that order.
 fn fixture(
     cfg: &ModelConfig,
@@ -82,15 +95,7 @@ fn check_with(model: ModelConfig, mc: usize, iw: usize, kl_weight: f64, median_f
     let dim = model.image.map_or(12, |[c, h, w]| c * h * w);
     let b = 5;
     let (params, x, eps) = fixture(&model, dim, b, s, 3);
-    let adam = AdamConfig {
-        normalize_grad: false,
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        adamax: false,
-    };
+    let adam = adam_cfg(1e-2, 0.01, false, false);
     let (vm, m, xt, et) = candle_side(&model, dim, &params, &x, &eps);
     let free_bits = if median_free_bits {
         let dims = m.samples(&xt, &et, s).unwrap().kl_dims.unwrap();
@@ -650,15 +655,7 @@ fn adam_step_matches_optim() {
         let cfg = config(model.clone(), 1, 1);
         let (dim, b) = (9, 4);
         let (params, x, eps) = fixture(&model, dim, b, 1, 5);
-        let ac = AdamConfig {
-            normalize_grad: normalize,
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            adamax,
-        };
+        let ac = adam_cfg(1e-2, 0.1, normalize, adamax);
         let (vm, m, xt, et) = candle_side(&model, dim, &params, &x, &eps);
         let mut opt = crate::optim::Adam::new(&vm, ac).unwrap();
         let mut f = Fused::new(&cfg, dim, &params, ac, b).unwrap();
@@ -796,15 +793,7 @@ fn iwae_leaves_out_only_negligible_samples() {
         *t = (t.clone() * 3.0).unwrap();
     }
     let x: Vec<f32> = x.iter().map(|v| (*v > 0.5) as u8 as f32).collect();
-    let adam = AdamConfig {
-        normalize_grad: false,
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        adamax: false,
-    };
+    let adam = adam_cfg(1e-3, 0.0, false, false);
     let mut grads = Vec::new();
     for all in [false, true] {
         let mut f = Fused::new(&cfg, dim, &params, adam, b).unwrap();
@@ -843,15 +832,7 @@ fn moving_average_follows_its_formula() {
     let cfg = config(model.clone(), 1, 1);
     let (dim, b) = (9, 4);
     let (params, x, eps) = fixture(&model, dim, b, 1, 3);
-    let ac = AdamConfig {
-        normalize_grad: false,
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        adamax: false,
-    };
+    let ac = adam_cfg(1e-2, 0.0, false, false);
     let mut f = Fused::new(&cfg, dim, &params, ac, b).unwrap();
     f.set_ema(0.8, None).unwrap();
     let flat = |h: &HashMap<String, Tensor>| -> Vec<f32> {
